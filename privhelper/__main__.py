@@ -1,0 +1,77 @@
+"""mep-privhelper: the root half of the MEP.
+
+    mep-privhelper --policy FILE --launch            root parent = helper, child = broker
+    mep-privhelper --policy FILE --socket-activated  one systemd-accepted connection
+    mep-privhelper --policy FILE --fd N              an already-connected socket (tests)
+
+Always runs as `python3 -I`; started any other way it re-executes itself so.
+"""
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+EX_USAGE, EX_CONFIG, EX_NOPERM, EX_SOFTWARE = 64, 78, 77, 70
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="mep-privhelper",
+        description="The root privilege helper of the multi-user compute endpoint. It serves one "
+        "authenticated broker connection and exits when that connection ends.",
+    )
+    parser.add_argument("--policy", required=True, help="root-owned TOML policy file (see docs/policy.md)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--launch", action="store_true", help="start the broker (policy broker_argv) as the broker account and serve it")
+    mode.add_argument("--socket-activated", action="store_true", help="serve the connection systemd passed as fd 3 (Accept=yes)")
+    mode.add_argument("--fd", type=int, help="serve an already-connected unix socket on this fd")
+    parser.add_argument("--debug", action="store_true", help="log more")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    if not sys.flags.isolated:  # -I: no user site, no PYTHON* environment, no cwd on sys.path
+        os.execv(sys.executable, [sys.executable, "-I", "-m", "privhelper", *(sys.argv[1:] if argv is None else argv)])
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="mep-privhelper[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("mep-privhelper")
+    if os.geteuid() != 0:
+        log.error("must run as root (euid is %d)", os.geteuid())
+        return EX_NOPERM
+    # imported here so that --help works without the bindings' libraries
+    from privhelper import activation, launch, monitor, policy as policy_mod
+
+    try:
+        policy = policy_mod.load_policy(args.policy)
+        key = policy_mod.read_key(policy)
+    except (policy_mod.PolicyError, OSError) as e:
+        log.error("refusing to start: %s", e)
+        return EX_CONFIG
+    broker_pid = None
+    try:
+        if args.launch:
+            conn, broker_pid = launch.start_broker(policy)
+        elif args.socket_activated:
+            conn = activation.inherited_connection(policy.broker_uid)
+        else:
+            conn = socket.socket(fileno=args.fd)
+            if conn.family != socket.AF_UNIX or conn.type != socket.SOCK_STREAM:
+                raise activation.ActivationError(f"fd {args.fd} is not a unix stream socket")
+    except (activation.ActivationError, launch.LaunchError, OSError) as e:
+        log.error("refusing to serve: %s", e)
+        return EX_USAGE
+    os.closerange(3, conn.fileno())  # nothing inherited survives but stdio and the connection
+    os.closerange(conn.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+    log.info("serving broker %s (policy %s, pam %s)", policy.broker_user, policy.path,
+             policy.pam.service if policy.pam.enabled else "off")
+    return monitor.Monitor(conn, policy, key, broker_pid).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

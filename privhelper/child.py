@@ -1,0 +1,256 @@
+"""What runs after fork: the per-UEP session process and the UEP child's privilege drop.
+
+The session process stays root for the UEP's whole life: it holds the PAM session open,
+waits for the UEP, then closes the session and reports the exit status. The UEP child
+drops to the user with no way back and execs the policy's program. Both run only in
+forked copies of the helper, never in the helper itself.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import time
+
+from privhelper import linux
+from privhelper.pam import PamError, PamSession
+from privhelper.policy import FIXED_ENV
+
+log = logging.getLogger("mep-privhelper")
+
+ERR_FD = 5  # the child's close-on-exec error pipe: EOF there means exec succeeded
+CHANNEL_FDS = {"stdin": 0, "cred": 3, "audit": 4}
+_CAP_KEYS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+class SetupError(Exception):
+    def __init__(self, code, reason):
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason = code, reason
+
+
+class _Stop(Exception):
+    pass
+
+
+def reset_signals(unblock: bool = True) -> None:
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # signals Python cannot handle (e.g. 32, 33 used by glibc)
+    if unblock:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def place_fds(plan: dict, err_w: int) -> None:
+    """Install plan {target fd: source fd}, move the error pipe to ERR_FD (close-on-exec)
+    and close every other fd."""
+    moved = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, 64) for t, s in plan.items()}
+    err = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 64)
+    for target, source in moved.items():
+        os.dup2(source, target, inheritable=True)
+    os.dup2(err, ERR_FD, inheritable=False)
+    for fd in range(3):
+        if fd not in plan:
+            raise SetupError("setup-failed", f"fd {fd} has no source")
+    os.closerange(ERR_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    for fd in (3, 4):
+        if fd not in plan:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def drop_privileges(name: str, uid: int, gid: int, groups: tuple, no_new_privs: bool) -> None:
+    """Become uid/gid with exactly `groups`, no capabilities, and verify every bit of it."""
+    linux.prctl(linux.PR_SET_KEEPCAPS, 0)
+    linux.drop_bounding_set()  # needs CAP_SETPCAP, so before the uid change
+    linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+    os.setresgid(gid, gid, gid)
+    os.initgroups(name, gid)
+    os.setresuid(uid, uid, uid)
+    linux.clear_capabilities()  # the uid change clears permitted/effective, not inheritable
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise SetupError("setup-failed", f"ids after the drop are {os.getresuid()}/{os.getresgid()}")
+    if tuple(sorted(set(os.getgroups()))) != tuple(groups):
+        raise SetupError("setup-failed", f"groups after the drop are {sorted(os.getgroups())}, expected {list(groups)}")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise SetupError("setup-failed", "setuid(0) succeeded after the drop")
+    status = linux.proc_status()
+    left = {k: status[k] for k in _CAP_KEYS if int(status[k], 16) != 0}
+    if left:
+        raise SetupError("setup-failed", f"capabilities left after the drop: {left}")
+    if no_new_privs:
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        if linux.prctl(linux.PR_GET_NO_NEW_PRIVS) != 1:
+            raise SetupError("setup-failed", "NO_NEW_PRIVS did not stick")
+
+
+def follow_parent(parent_pid: int, sig: int) -> None:
+    """Die with the parent. Set after the uid change (which clears it), then check that
+    the parent did not already go before it was set."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
+    """In the forked UEP (or broker) child. Never returns."""
+    err_fd = err_w
+    try:
+        os.setsid()
+        reset_signals()
+        place_fds(plan, err_w)
+        err_fd = ERR_FD
+        drop_privileges(account.name, account.uid, account.gid, account.groups, no_new_privs)
+        follow_parent(parent_pid, signal.SIGKILL)
+        try:
+            os.chdir(account.home)
+        except OSError:
+            os.chdir("/")
+        os.umask(0o077)
+        try:
+            os.execve(argv[0], list(argv), env)
+        except OSError as e:
+            raise SetupError("exec-failed", f"cannot exec {argv[0]}: {e.strerror}") from None
+    except BaseException as e:  # noqa: BLE001 - anything at all must end in _exit
+        code, reason = (e.code, e.reason) if isinstance(e, SetupError) else ("setup-failed", repr(e))
+        try:
+            os.write(err_fd, f"{code} {reason}".encode()[:1000])
+        finally:
+            os._exit(127)
+
+
+def build_env(account, policy, pam_env: dict, extra: dict) -> dict:
+    env = {
+        "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
+        "SHELL": account.shell, "PATH": policy.path_env, "LANG": policy.lang,
+    }
+    for name, value in pam_env.items():
+        if name in FIXED_ENV or policy.env_denied(name):
+            log.warning("PAM service %s set %s for %s; dropped (helper env deny-list)", policy.pam.service, name, account.name)
+        else:
+            env[name] = value
+    env.update(extra)  # already checked against the deny-list by authorize()
+    return env
+
+
+def _report(fd: int, line: str) -> None:
+    os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+
+
+def session_process(*, account, req, policy, child_fds, status_w, helper_pid) -> None:
+    """Body of the per-UEP session process (root). Never returns."""
+    code = 1
+    try:
+        follow_parent(helper_pid, signal.SIGTERM)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _raise_stop)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        code = _run_session(account, req, policy, child_fds, status_w)
+    except BaseException as e:  # noqa: BLE001
+        log.error("session process for %s failed: %r", account.name, e)
+    finally:
+        os._exit(code)
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def _run_session(account, req, policy, child_fds, status_w) -> int:
+    pam = None
+    pam_env = {}
+    try:
+        if policy.pam.enabled:
+            pam = PamSession(policy.pam.service, account.name)
+            pam.open()
+            pam_env = pam.environment()
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        plan = {0: child_fds["stdin"], 1: devnull, 2: devnull}
+        plan.update({CHANNEL_FDS[c]: child_fds[c] for c in req.channels})
+        argv = tuple(req.name if a == "{name}" else a for a in policy.uep_argv)
+        env = build_env(account, policy, pam_env, dict(req.env))
+        nnp = policy.pam.no_new_privs or not policy.pam.enabled
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=nnp, parent_pid=me)
+        os.close(err_w)
+        for fd in set(plan.values()):
+            os.close(fd)
+        failure = read_all(err_r)
+        if failure:
+            os.waitpid(pid, 0)
+            code, _, reason = failure.decode("utf-8", "replace").partition(" ")
+            _report(status_w, f"refused {code} {reason}")
+            return 0
+        _report(status_w, f"ok {pid}")
+        status = _wait_uep(pid, policy.stop_grace_seconds)
+        _report(status_w, f"exit {os.waitstatus_to_exitcode(status)}")
+        return 0
+    except PamError as e:
+        _report(status_w, f"refused pam-{e.step.removeprefix('pam_').replace('_', '-')} PAM service {policy.pam.service!r} refused {account.name!r}: {e}")
+        return 0
+    except _Stop:
+        return 1
+    finally:
+        if pam is not None:
+            try:
+                pam.close()
+            except PamError as e:
+                log.error("closing the PAM session of %s: %s", account.name, e)
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _wait_uep(pid: int, grace: int) -> int:
+    """Wait for the UEP; on a stop signal, TERM its group, then KILL after `grace` s."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except _Stop:
+        status = terminate_group(pid, grace)
+    _kill_group(pid, signal.SIGKILL)  # whatever the UEP left behind in its group
+    return status
+
+
+def terminate_group(pid: int, grace: int) -> int:
+    _kill_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except _Stop:
+            continue
+        if done:
+            return status
+        time.sleep(0.02)
+    _kill_group(pid, signal.SIGKILL)
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except _Stop:
+            continue
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise

@@ -1,0 +1,322 @@
+"""The helper's loop: one authenticated broker connection, a fixed table of requests.
+
+    state        allowed input                       anything else
+    await-hello  hello (within io_timeout)           fatal
+    ready        spawn, signal, ping                 fatal
+    (any)        a frame started must finish within io_timeout, else fatal
+
+Fatal means: log why, close the connection, stop every UEP (TERM to its group, KILL after
+the grace period), wait for the session processes to close their PAM sessions, exit.
+"""
+
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from protocol import CLOSED, NEED_DATA, HelperSession, ProtocolError
+from protocol.messages import Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned
+from privhelper import child
+from privhelper.authorize import Refusal, authorize
+
+log = logging.getLogger("mep-privhelper")
+
+SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL, "HUP": signal.SIGHUP}
+
+
+class Fatal(Exception):
+    pass
+
+
+class SessionChild:
+    """The helper's record of one session process and the UEP it starts."""
+
+    def __init__(self, pid, req, account, status_fd, broker_fds, channels):
+        self.pid, self.req, self.account = pid, req, account
+        self.status_fd, self.broker_fds, self.channels = status_fd, broker_fds, channels
+        self.buf = b""
+        self.uep_pid = None
+        self.answered = False
+        self.exit_code = None
+
+
+class Monitor:
+    def __init__(self, conn: socket.socket, policy, key: bytes, broker_pid: int | None = None):
+        self.conn, self.policy = conn, policy
+        self.session = HelperSession(key, max_frame=policy.max_frame)
+        self.broker_pid = broker_pid
+        self.children: dict[int, SessionChild] = {}  # by session pid
+        self.by_fd: dict[int, SessionChild] = {}
+        self.poller = select.poll()
+        self.deadline = None
+        self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: self.do_ping}
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> int:
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the news
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.conn.settimeout(self.policy.io_timeout_seconds)  # bounds sends to a stuck broker
+        self.poller.register(self.conn.fileno(), select.POLLIN)
+        self.poller.register(self.wake_r, select.POLLIN)
+        try:
+            self.conn.sendall(self.session.challenge())
+            self.deadline = time.monotonic() + self.policy.io_timeout_seconds  # for the hello
+            while self.step():
+                pass
+            reason, code = "broker closed the connection", 0
+        except (Fatal, ProtocolError, OSError) as e:
+            reason, code = f"{type(e).__name__}: {e}", 2
+        except Exception as e:  # noqa: BLE001 - fatal on anything unexpected, but clean up first
+            log.exception("unexpected error")
+            reason, code = f"{type(e).__name__}: {e}", 3
+        log.log(logging.INFO if code == 0 else logging.ERROR, "ending: %s", reason)
+        self.shutdown()
+        return code
+
+    def step(self) -> bool:
+        timeout = None if self.deadline is None else max(0, self.deadline - time.monotonic())
+        for fd, _ in self.poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+            if fd == self.conn.fileno():
+                if not self.read_conn():
+                    return False
+            elif fd == self.wake_r:
+                self.read_signals()
+            elif fd in self.by_fd:
+                self.read_status(self.by_fd[fd])
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise Fatal(f"no complete {'hello' if self.session.state == 'await-hello' else 'frame'} within {self.policy.io_timeout_seconds}s")
+        return True
+
+    def read_conn(self) -> bool:
+        try:
+            data = self.conn.recv(65536)
+        except BlockingIOError:
+            return True
+        self.session.receive_data(data)
+        completed = False
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                break
+            if event is CLOSED:
+                return False
+            completed = True
+            if isinstance(event, Hello):
+                continue  # the session already checked it; state is now "ready"
+            handler = self.handlers.get(type(event)) if self.session.state == "ready" else None
+            if handler is None:
+                raise Fatal(f"{type(event).__name__} not allowed in state {self.session.state}")
+            handler(event)
+        if self.session.state != "await-hello":  # the hello deadline stays as set at start
+            if not self.session.partial:
+                self.deadline = None
+            elif completed or self.deadline is None:  # a new frame began: it has io_timeout to finish
+                self.deadline = time.monotonic() + self.policy.io_timeout_seconds
+        return True
+
+    def send(self, event, fds=()) -> None:
+        data = self.session.send(event)
+        if fds:
+            sent = socket.send_fds(self.conn, [data], list(fds))
+            if sent < len(data):
+                self.conn.sendall(data[sent:])
+        else:
+            self.conn.sendall(data)
+
+    def refuse(self, req, code, reason, who="-") -> None:
+        log.warning("refused req=%s user=%s code=%s: %s", req, who, code, reason)
+        self.send(Refused(req, code, reason))
+
+    # -- requests --------------------------------------------------------------
+
+    def do_ping(self, msg: Ping) -> None:
+        self.send(Pong(msg.req))
+
+    def do_signal(self, msg: Signal) -> None:
+        target = next((c for c in self.children.values() if c.uep_pid == msg.pid and c.exit_code is None), None)
+        if target is None:
+            return self.refuse(msg.req, "not-our-child", f"pid {msg.pid} is not a running UEP started by this helper")
+        os.killpg(msg.pid, SIGNALS[msg.signal])
+        log.info("signal %s to UEP group %d of %s", msg.signal, msg.pid, target.account.name)
+        self.send(Signaled(msg.req, msg.pid))
+
+    def do_spawn(self, msg: Spawn) -> None:
+        live = list(self.children.values())
+        try:
+            account = authorize(msg, self.policy, len(live), lambda uid: sum(c.account.uid == uid for c in live))
+        except Refusal as r:
+            return self.refuse(msg.req, r.code, r.reason, msg.username)
+        child_fds, broker_fds = self.make_channels(msg, account)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        pid = os.fork()
+        if pid == 0:  # the session process
+            signal.set_wakeup_fd(-1)
+            child.reset_signals(unblock=False)  # session_process unblocks once its handlers are set
+            for fd in [status_r, self.conn.fileno(), self.wake_r, *broker_fds, *self.by_fd]:
+                os.close(fd)
+            child.session_process(account=account, req=msg, policy=self.policy, child_fds=child_fds,
+                                  status_w=status_w, helper_pid=os.getppid())
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(status_w)
+        for fd in child_fds.values():
+            os.close(fd)
+        fcntl.fcntl(status_r, fcntl.F_SETFL, os.O_NONBLOCK)
+        record = SessionChild(pid, msg.req, account, status_r, broker_fds, msg.channels)
+        self.children[pid] = record
+        self.by_fd[status_r] = record
+        self.poller.register(status_r, select.POLLIN)
+        log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
+
+    def make_channels(self, msg: Spawn, account):
+        """stdin: a sealed memfd holding the payload; cred: a memfd the broker writes and the
+        UEP reads; audit: a pipe the UEP writes and the broker reads."""
+        stdin_rw = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(stdin_rw, msg.stdin) if msg.stdin else None
+        fcntl.fcntl(stdin_rw, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        os.fchmod(stdin_rw, 0o400)
+        child_fds = {"stdin": os.open(f"/proc/self/fd/{stdin_rw}", os.O_RDONLY | os.O_CLOEXEC)}
+        os.close(stdin_rw)
+        broker_fds = []
+        if "cred" in msg.channels:
+            cred = os.memfd_create("mep-cred", os.MFD_CLOEXEC)
+            os.fchmod(cred, 0o600)
+            child_fds["cred"] = os.open(f"/proc/self/fd/{cred}", os.O_RDONLY | os.O_CLOEXEC)
+            broker_fds.append(cred)
+        if "audit" in msg.channels:
+            audit_r, audit_w = os.pipe2(os.O_CLOEXEC)
+            child_fds["audit"] = audit_w
+            broker_fds.append(audit_r)
+        return child_fds, broker_fds
+
+    # -- session processes -----------------------------------------------------
+
+    def read_status(self, rec: SessionChild) -> None:
+        try:
+            data = os.read(rec.status_fd, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            self.poller.unregister(rec.status_fd)
+            del self.by_fd[rec.status_fd]
+            os.close(rec.status_fd)
+            rec.status_fd = None
+            return
+        rec.buf += data
+        while b"\n" in rec.buf:
+            line, rec.buf = rec.buf.split(b"\n", 1)
+            self.handle_status(rec, line.decode("utf-8", "replace"))
+
+    def handle_status(self, rec: SessionChild, line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word == "ok" and not rec.answered:
+            rec.uep_pid, rec.answered = int(rest), True
+            log.info("spawned req=%s user=%s uid=%d pid=%d", rec.req, rec.account.name, rec.account.uid, rec.uep_pid)
+            self.send(Spawned(rec.req, rec.uep_pid, rec.channels), rec.broker_fds)
+            self._close_broker_fds(rec)
+        elif word == "refused" and not rec.answered:
+            rec.answered = True
+            code, _, reason = rest.partition(" ")
+            self._close_broker_fds(rec)
+            self.refuse(rec.req, code, reason, rec.account.name)
+        elif word == "exit" and rec.uep_pid is not None:
+            rec.exit_code = max(-64, min(255, int(rest)))
+        else:
+            raise Fatal(f"session process {rec.pid} sent an unexpected line {line[:80]!r}")
+
+    def _close_broker_fds(self, rec: SessionChild) -> None:
+        for fd in rec.broker_fds:
+            os.close(fd)
+        rec.broker_fds = []
+
+    def read_signals(self) -> None:
+        try:
+            signums = os.read(self.wake_r, 256)
+        except BlockingIOError:
+            return
+        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) for s in signums):
+            raise Fatal("stop signal received")
+        if signal.SIGCHLD in signums:
+            self.reap()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.broker_pid:
+                log.info("broker process %d exited (%s)", pid, _describe(status))
+                self.broker_pid = None
+                continue
+            rec = self.children.pop(pid, None)
+            if rec is not None:
+                self.finish(rec, status)
+
+    def finish(self, rec: SessionChild, status: int) -> None:
+        while rec.status_fd is not None:  # the writer is gone: drain to EOF
+            fcntl.fcntl(rec.status_fd, fcntl.F_SETFL, 0)
+            self.read_status(rec)
+        if not rec.answered:
+            self._close_broker_fds(rec)
+            rec.answered = True
+            self.refuse(rec.req, "internal", f"the session process ended before the UEP started ({_describe(status)}); see the helper log", rec.account.name)
+        elif rec.uep_pid is not None:
+            code = rec.exit_code if rec.exit_code is not None else -signal.SIGKILL
+            log.info("exited user=%s pid=%d status=%d", rec.account.name, rec.uep_pid, code)
+            self.send(Exited(rec.uep_pid, code))
+
+    # -- the end -----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        for rec in self.children.values():
+            _kill(rec.pid, signal.SIGTERM)  # the session process TERMs, then KILLs, its UEP group
+        if self.broker_pid is not None:
+            _kill(self.broker_pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.policy.stop_grace_seconds + 5
+        while self.children or self.broker_pid is not None:
+            if time.monotonic() > deadline:
+                for rec in self.children.values():
+                    log.error("session process %d did not stop; killing it and UEP group %s", rec.pid, rec.uep_pid)
+                    _kill(rec.pid, signal.SIGKILL)
+                    if rec.uep_pid:
+                        _kill(-rec.uep_pid, signal.SIGKILL)
+                if self.broker_pid is not None:
+                    _kill(self.broker_pid, signal.SIGKILL)
+                deadline = float("inf")
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.02)
+            elif pid == self.broker_pid:
+                self.broker_pid = None
+            else:
+                self.children.pop(pid, None)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

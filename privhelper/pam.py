@@ -1,0 +1,135 @@
+"""A small ctypes binding to libpam: start, acct_mgmt, setcred, open/close session, env.
+
+python-pam only authenticates (it needs a password). The helper never authenticates: the
+user proved who they are to Globus Auth; PAM here answers "may this account log in now"
+(account) and sets up the login session (setcred, session), as su and sshd do after auth.
+The conversation function answers no prompts; it keeps info and error texts so that a
+refusal can tell the user what the module said (pam_nologin's message, for instance).
+"""
+
+import ctypes
+
+PAM_SUCCESS = 0
+PAM_CONV_ERR = 19
+PAM_ESTABLISH_CRED = 0x2
+PAM_DELETE_CRED = 0x4
+PAM_ERROR_MSG = 3
+PAM_TEXT_INFO = 4
+
+_libpam = ctypes.CDLL("libpam.so.0", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.calloc.restype = ctypes.c_void_p
+_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
+class _Message(ctypes.Structure):
+    _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+
+class _Response(ctypes.Structure):
+    _fields_ = [("resp", ctypes.c_char_p), ("resp_retcode", ctypes.c_int)]
+
+
+_CONV_FUNC = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.POINTER(ctypes.POINTER(_Message)),
+    ctypes.POINTER(ctypes.POINTER(_Response)),
+    ctypes.c_void_p,
+)
+
+
+class _Conv(ctypes.Structure):
+    _fields_ = [("conv", _CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
+
+
+_pam_handle_p = ctypes.c_void_p
+_libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(_pam_handle_p)]
+for _name in ("pam_acct_mgmt", "pam_setcred", "pam_open_session", "pam_close_session", "pam_end"):
+    getattr(_libpam, _name).argtypes = [_pam_handle_p, ctypes.c_int]
+    getattr(_libpam, _name).restype = ctypes.c_int
+_libpam.pam_strerror.argtypes = [_pam_handle_p, ctypes.c_int]
+_libpam.pam_strerror.restype = ctypes.c_char_p
+_libpam.pam_getenvlist.argtypes = [_pam_handle_p]
+_libpam.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_void_p)
+
+
+class PamError(Exception):
+    def __init__(self, step: str, message: str):
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+class PamSession:
+    """One PAM transaction for one user, used only inside a session process."""
+
+    def __init__(self, service: str, user: str):
+        self.messages = []
+        self._conv = _Conv(_CONV_FUNC(self._converse), None)  # kept referenced: PAM calls it later
+        self._handle = _pam_handle_p()
+        self._last = PAM_SUCCESS
+        rc = _libpam.pam_start(service.encode(), user.encode(), ctypes.byref(self._conv), ctypes.byref(self._handle))
+        if rc != PAM_SUCCESS:
+            raise PamError("pam_start", f"error {rc}")
+        self.session_open = False
+        self.cred_set = False
+
+    def _converse(self, num_msg, msgs, resp, _appdata):
+        for i in range(num_msg):
+            style, text = msgs[i].contents.msg_style, msgs[i].contents.msg
+            if style not in (PAM_ERROR_MSG, PAM_TEXT_INFO):
+                return PAM_CONV_ERR  # a prompt: nobody is there to answer it
+            if text:
+                self.messages.append(text.decode("utf-8", "replace").strip())
+        block = _libc.calloc(num_msg, ctypes.sizeof(_Response))
+        if not block:
+            return PAM_CONV_ERR
+        resp[0] = ctypes.cast(block, ctypes.POINTER(_Response))
+        return PAM_SUCCESS
+
+    def _call(self, step: str, flags: int = 0) -> None:
+        rc = getattr(_libpam, step)(self._handle, flags)
+        self._last = rc
+        if rc != PAM_SUCCESS:
+            text = _libpam.pam_strerror(self._handle, rc).decode("utf-8", "replace")
+            said = f" (module said: {'; '.join(self.messages)})" if self.messages else ""
+            raise PamError(step, f"{text}{said}")
+
+    def open(self) -> None:
+        """Account check, credentials, session: the order su and sshd use."""
+        self._call("pam_acct_mgmt")
+        self._call("pam_setcred", PAM_ESTABLISH_CRED)
+        self.cred_set = True
+        self._call("pam_open_session")
+        self.session_open = True
+
+    def environment(self) -> dict:
+        env = {}
+        lst = _libpam.pam_getenvlist(self._handle)
+        if not lst:
+            return env
+        i = 0
+        while lst[i]:
+            item = ctypes.string_at(lst[i]).decode("utf-8", "replace")
+            name, sep, value = item.partition("=")
+            if sep:
+                env[name] = value
+            _libc.free(lst[i])
+            i += 1
+        _libc.free(ctypes.cast(lst, ctypes.c_void_p))
+        return env
+
+    def close(self) -> None:
+        """Close what was opened, in reverse; always ends the transaction."""
+        try:
+            if self.session_open:
+                self.session_open = False
+                self._call("pam_close_session")
+        finally:
+            try:
+                if self.cred_set:
+                    self.cred_set = False
+                    self._call("pam_setcred", PAM_DELETE_CRED)
+            finally:
+                _libpam.pam_end(self._handle, self._last)

@@ -1,0 +1,186 @@
+"""The helper's policy: a root-owned TOML file, the only source of what may be exec'd.
+
+The helper refuses to start if the file, its directory or any ancestor is not root-owned
+or is writable by group or others, and likewise for the UEP executable and the key file.
+Unknown keys and wrong types stop it too: a typo in a security setting must not be
+silently ignored.
+"""
+
+import dataclasses
+import os
+import pwd
+import stat
+import tomllib
+
+DEFAULT_ENV_DENY = (
+    "LD_*", "PYTHON*", "BASH_FUNC_*", "MALLOC_*", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES",
+    "BASH_ENV", "ENV", "IFS", "CDPATH", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND",
+    "NLSPATH", "LOCPATH", "HOSTALIASES", "RESOLV_HOST_CONF", "RES_OPTIONS", "LOCALDOMAIN",
+    "NIS_PATH", "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS",
+    "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS",
+)
+# set by the helper from the passwd entry; neither PAM nor the broker may replace them
+FIXED_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
+NOBODY_UIDS = frozenset({65534, (1 << 32) - 2, (1 << 32) - 1})
+
+
+class PolicyError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Pam:
+    enabled: bool = False
+    service: str = "globus-compute-endpoint"
+    no_new_privs: bool = False  # with PAM on; without PAM it is always set
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    path: str
+    broker_user: str
+    broker_uid: int
+    broker_gid: int
+    key_file: str
+    uep_argv: tuple
+    broker_argv: tuple = ()
+    min_uid: int = 1000
+    max_uid: int = (1 << 31) - 1
+    deny_users: frozenset = frozenset()
+    deny_groups: frozenset = frozenset()
+    allow_users: frozenset = frozenset()
+    allow_groups: frozenset = frozenset()
+    pam: Pam = Pam()
+    max_children: int = 256
+    max_children_per_user: int = 4
+    env_deny: tuple = DEFAULT_ENV_DENY
+    path_env: str = "/usr/local/bin:/usr/bin:/bin"
+    lang: str = "C.UTF-8"
+    stop_grace_seconds: int = 3
+    io_timeout_seconds: int = 10
+    max_frame: int = 1 << 20
+
+    def env_denied(self, name: str) -> bool:
+        return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in self.env_deny)
+
+
+_KEYS = {
+    "broker_user": str, "key_file": str, "uep_argv": list, "broker_argv": list, "min_uid": int,
+    "max_uid": int, "deny_users": list, "deny_groups": list, "allow_users": list, "allow_groups": list,
+    "pam": dict, "max_children": int, "max_children_per_user": int, "env_deny": list, "path": str,
+    "lang": str, "stop_grace_seconds": int, "io_timeout_seconds": int, "max_frame": int,
+}
+_PAM_KEYS = {"enabled": bool, "service": str, "no_new_privs": bool}
+_REQUIRED = ("broker_user", "key_file", "uep_argv")
+
+
+def check_trusted_path(path: str, what: str, *, want_file: bool = True) -> None:
+    """`path` and every directory above it must be root-owned and not group/world-writable."""
+    if not os.path.isabs(path):
+        raise PolicyError(f"{what} {path!r} is not an absolute path")
+    real = os.path.realpath(path)
+    current = real
+    while True:
+        try:
+            st = os.lstat(current)
+        except OSError as e:
+            raise PolicyError(f"{what} {path!r}: cannot stat {current}: {e.strerror}") from None
+        if st.st_uid != 0:
+            raise PolicyError(f"{what} {path!r}: {current} is owned by uid {st.st_uid}, not root")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PolicyError(f"{what} {path!r}: {current} is writable by group or others (mode {stat.filemode(st.st_mode)})")
+        if current == real and want_file and not stat.S_ISREG(st.st_mode):
+            raise PolicyError(f"{what} {path!r} is not a regular file")
+        if current == "/":
+            return
+        current = os.path.dirname(current)
+
+
+def _typed(table: dict, spec: dict, where: str) -> dict:
+    for key, value in table.items():
+        if key not in spec:
+            raise PolicyError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(spec))})")
+        want = spec[key]
+        if type(value) is not want:
+            raise PolicyError(f"{where}: {key} must be a {want.__name__}, not {type(value).__name__}")
+    return table
+
+
+def _str_list(raw: dict, key: str, where: str) -> tuple:
+    value = raw.get(key, [])
+    if not all(type(v) is str and v for v in value):
+        raise PolicyError(f"{where}: {key} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _argv(raw: dict, key: str, where: str, placeholder: bool) -> tuple:
+    argv = _str_list(raw, key, where)
+    if not argv:
+        return ()
+    check_trusted_path(argv[0], f"{where}: {key}[0]")
+    if not os.access(argv[0], os.X_OK):
+        raise PolicyError(f"{where}: {key}[0] {argv[0]!r} is not executable")
+    if placeholder and argv.count("{name}") != 1:
+        raise PolicyError(f"{where}: {key} must contain the element \"{{name}}\" exactly once")
+    return argv
+
+
+def load_policy(path: str) -> Policy:
+    check_trusted_path(path, "policy file")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"{path}: {e}") from None
+    _typed(raw, _KEYS, path)
+    for key in _REQUIRED:
+        if key not in raw:
+            raise PolicyError(f"{path}: required key {key!r} is missing")
+    pam = Pam(**_typed(raw.get("pam", {}), _PAM_KEYS, f"{path} [pam]"))
+    try:
+        broker = pwd.getpwnam(raw["broker_user"])
+    except KeyError:
+        raise PolicyError(f"{path}: broker_user {raw['broker_user']!r} does not exist") from None
+    if broker.pw_uid == 0:
+        raise PolicyError(f"{path}: broker_user must not be root")
+    check_trusted_path(raw["key_file"], f"{path}: key_file")
+    if os.stat(raw["key_file"]).st_mode & stat.S_IROTH:
+        raise PolicyError(f"{path}: key_file {raw['key_file']} is readable by others")
+    uep_argv = _argv(raw, "uep_argv", path, placeholder=True)
+    if not uep_argv:
+        raise PolicyError(f"{path}: uep_argv must not be empty")
+    ints = {k: raw[k] for k in ("min_uid", "max_uid", "max_children", "max_children_per_user",
+                                "stop_grace_seconds", "io_timeout_seconds", "max_frame") if k in raw}
+    if ints.get("min_uid", 1000) < 1:
+        raise PolicyError(f"{path}: min_uid must be at least 1 (uid 0 is never spawned)")
+    if not 1 <= ints.get("max_frame", 1 << 20) <= 1 << 20:
+        raise PolicyError(f"{path}: max_frame must be in 1..1048576")
+    for key in ("max_children", "max_children_per_user", "stop_grace_seconds", "io_timeout_seconds"):
+        if key in ints and ints[key] < 1:
+            raise PolicyError(f"{path}: {key} must be at least 1")
+    return Policy(
+        path=path,
+        broker_user=broker.pw_name,
+        broker_uid=broker.pw_uid,
+        broker_gid=broker.pw_gid,
+        key_file=raw["key_file"],
+        uep_argv=uep_argv,
+        broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
+        deny_users=frozenset(_str_list(raw, "deny_users", path)),
+        deny_groups=frozenset(_str_list(raw, "deny_groups", path)),
+        allow_users=frozenset(_str_list(raw, "allow_users", path)),
+        allow_groups=frozenset(_str_list(raw, "allow_groups", path)),
+        pam=pam,
+        env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),
+        path_env=raw.get("path", Policy.path_env),
+        lang=raw.get("lang", Policy.lang),
+        **ints,
+    )
+
+
+def read_key(policy: Policy) -> bytes:
+    with open(policy.key_file, "rb") as f:
+        key = f.read(64)
+    if len(key) != 32:
+        raise PolicyError(f"key_file {policy.key_file} must hold exactly 32 bytes, has {len(key)}")
+    return key

@@ -1,0 +1,271 @@
+"""Message types and their exact wire schemas.
+
+Each message is a frozen dataclass with a `TYPE` and a `FIELDS` table of validators. The
+decoder demands the exact key set and checks every value; bool is never an int, and every
+string and collection has a bound. Usernames and UEP names are matched by regexes that
+leave no room for '/', '..', NUL, newlines or a leading '-'.
+"""
+
+import base64
+import binascii
+import dataclasses
+import re
+import types
+
+from protocol.errors import ProtocolError
+
+VERSION = 1
+
+USERNAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+UEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+REQ_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CODE_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+MAX_ENV_VARS = 64
+MAX_ENV_VALUE = 4096
+MAX_STDIN = 512 * 1024
+MAX_REASON = 1024
+SIGNALS = frozenset({"TERM", "INT", "KILL", "HUP"})
+CHANNELS = ("cred", "audit")  # fixed order: also the order of fds sent with `spawned`
+MAX_PID = 1 << 22  # Linux pid_max ceiling
+
+
+class _Field:
+    def check(self, name, value):
+        raise NotImplementedError
+
+
+class Int(_Field):
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def check(self, name, value):
+        if type(value) is not int:  # rejects bool, which is an int subclass
+            raise ProtocolError(f"{name}: expected an integer, got {type(value).__name__}")
+        if not self.lo <= value <= self.hi:
+            raise ProtocolError(f"{name}: {value} is outside {self.lo}..{self.hi}")
+        return value
+
+
+class Str(_Field):
+    def __init__(self, regex=None, max_len=256, choices=None):
+        self.regex, self.max_len, self.choices = regex, max_len, choices
+
+    def check(self, name, value):
+        if type(value) is not str:
+            raise ProtocolError(f"{name}: expected a string, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise ProtocolError(f"{name}: longer than {self.max_len} characters")
+        if "\x00" in value:
+            raise ProtocolError(f"{name}: contains NUL")
+        if self.regex is not None and not self.regex.fullmatch(value):
+            raise ProtocolError(f"{name}: {value[:80]!r} does not match {self.regex.pattern}")
+        if self.choices is not None and value not in self.choices:
+            raise ProtocolError(f"{name}: {value[:80]!r} is not one of {sorted(self.choices)}")
+        return value
+
+
+class Username(Str):
+    def __init__(self):
+        super().__init__(USERNAME_RE, 32)
+
+    def check(self, name, value):
+        super().check(name, value)
+        if ".." in value:
+            raise ProtocolError(f"{name}: contains '..'")
+        return value
+
+
+class UepName(Str):
+    def __init__(self):
+        super().__init__(UEP_NAME_RE, 128)
+
+    def check(self, name, value):
+        super().check(name, value)
+        if ".." in value:
+            raise ProtocolError(f"{name}: contains '..'")
+        return value
+
+
+class Env(_Field):
+    def check(self, name, value):
+        if type(value) is not dict:
+            raise ProtocolError(f"{name}: expected an object")
+        if len(value) > MAX_ENV_VARS:
+            raise ProtocolError(f"{name}: more than {MAX_ENV_VARS} variables")
+        key_field, val_field = Str(ENV_NAME_RE, 64), Str(None, MAX_ENV_VALUE)
+        for k, v in value.items():
+            key_field.check(f"{name} key", k)
+            val_field.check(f"{name}[{k}]", v)
+        return types.MappingProxyType(dict(value))
+
+
+class Channels(_Field):
+    def check(self, name, value):
+        if type(value) is not list:
+            raise ProtocolError(f"{name}: expected a list")
+        if value != [c for c in CHANNELS if c in value] or len(set(value)) != len(value):
+            raise ProtocolError(f"{name}: must be a sorted, duplicate-free subset of {list(CHANNELS)}")
+        return tuple(value)
+
+
+class Base64(_Field):
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+
+    def check(self, name, value):
+        Str(None, (self.max_bytes + 2) // 3 * 4).check(name, value)
+        try:
+            raw = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeError):
+            raise ProtocolError(f"{name}: not valid base64") from None
+        if base64.b64encode(raw).decode("ascii") != value:
+            raise ProtocolError(f"{name}: base64 is not canonical")
+        return raw
+
+
+def _encode_value(value):
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, types.MappingProxyType):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+REGISTRY = {}
+
+
+def message(type_name, *, request=False, **fields):
+    """Declare a message type: its wire name, whether it is a MAC'd request, its fields."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names == set(fields), (cls, names, set(fields))
+        cls.TYPE, cls.FIELDS, cls.REQUEST = type_name, fields, request
+        REGISTRY[type_name] = cls
+        return cls
+
+    return wrap
+
+
+def to_wire(msg) -> dict:
+    body = {name: _encode_value(getattr(msg, name)) for name in msg.FIELDS}
+    body["type"] = msg.TYPE
+    return body
+
+
+def from_wire(obj, envelope=()) -> object:
+    """Validate a decoded body against its type's schema; `envelope` names extra keys
+    (seq, mac) that the session layer has already checked and removes here."""
+    if type(obj) is not dict:
+        raise ProtocolError("message is not an object")
+    type_name = obj.get("type")
+    cls = REGISTRY.get(type_name) if type(type_name) is str else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(type_name)[:40]!r}")
+    expected = set(cls.FIELDS) | {"type"} | set(envelope)
+    keys = set(obj)
+    if keys != expected:
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        raise ProtocolError(f"{type_name}: missing keys {missing}, unexpected keys {extra}")
+    values = {name: field.check(f"{type_name}.{name}", obj[name]) for name, field in cls.FIELDS.items()}
+    return cls(**values)
+
+
+# -- session opening ---------------------------------------------------------------
+
+
+@message("challenge", version=Int(VERSION, VERSION), nonce=Str(HEX64_RE, 64))
+class Challenge:
+    version: int
+    nonce: str
+
+
+@message("hello", version=Int(VERSION, VERSION), mac=Str(HEX64_RE, 64))
+class Hello:
+    version: int
+    mac: str
+
+
+# -- requests: broker -> helper (each also carries seq and mac on the wire) ---------
+
+
+@message(
+    "spawn",
+    request=True,
+    req=Str(REQ_ID_RE, 64),
+    username=Username(),
+    uid=Int(0, (1 << 32) - 1),
+    name=UepName(),
+    env=Env(),
+    stdin=Base64(MAX_STDIN),
+    channels=Channels(),
+)
+class Spawn:
+    req: str
+    username: str
+    uid: int
+    name: str
+    env: types.MappingProxyType
+    stdin: bytes
+    channels: tuple
+
+
+@message("signal", request=True, req=Str(REQ_ID_RE, 64), pid=Int(1, MAX_PID), signal=Str(choices=SIGNALS))
+class Signal:
+    req: str
+    pid: int
+    signal: str
+
+
+@message("ping", request=True, req=Str(REQ_ID_RE, 64))
+class Ping:
+    req: str
+
+
+# -- replies and events: helper -> broker ------------------------------------------
+
+
+@message("spawned", req=Str(REQ_ID_RE, 64), pid=Int(1, MAX_PID), channels=Channels())
+class Spawned:
+    """The UEP has exec'd. The broker's ends of `channels` arrive with this frame as
+    SCM_RIGHTS, in CHANNELS order."""
+
+    req: str
+    pid: int
+    channels: tuple
+
+
+@message("refused", req=Str(REQ_ID_RE, 64), code=Str(CODE_RE, 32), reason=Str(None, MAX_REASON))
+class Refused:
+    req: str
+    code: str
+    reason: str
+
+
+@message("signaled", req=Str(REQ_ID_RE, 64), pid=Int(1, MAX_PID))
+class Signaled:
+    req: str
+    pid: int
+
+
+@message("exited", pid=Int(1, MAX_PID), status=Int(-64, 255))
+class Exited:
+    """`status` is the UEP's exit code, or minus the signal number that killed it."""
+
+    pid: int
+    status: int
+
+
+@message("pong", req=Str(REQ_ID_RE, 64))
+class Pong:
+    req: str
+
+
+REQUESTS = tuple(cls for cls in REGISTRY.values() if cls.REQUEST)
+HELPER_EVENTS = (Spawned, Refused, Signaled, Exited, Pong)

@@ -1,0 +1,200 @@
+"""The session state machines, one per side, I/O-free.
+
+    helper:  start --challenge()--> await-hello --Hello--> ready --requests...
+    broker:  await-challenge --Challenge--> challenged --hello()--> ready --send()...
+
+The helper opens with a random nonce. The broker proves it holds the per-MEP key with
+hello.mac = HMAC(key, "mep-hello\\0" + nonce). Every request then carries `seq` (1, 2, 3...
+with no gaps) and `mac` = HMAC(key, "mep-req\\0" + nonce + canonical body without mac).
+The nonce binds a request to one connection, seq to one place in it: a replayed, skipped
+or transplanted request fails. Any error moves the machine to `error` for good.
+"""
+
+import hashlib
+import hmac
+import secrets
+
+from protocol import canonical, messages
+from protocol.errors import ProtocolError
+from protocol.framing import MAX_FRAME, FrameReader, encode_frame
+
+KEY_BYTES = 32
+MAX_SEQ = (1 << 63) - 1
+
+
+class _Sentinel:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+CLOSED = _Sentinel("CLOSED")
+
+
+def hello_mac(key: bytes, nonce: bytes) -> str:
+    return hmac.new(key, b"mep-hello\0" + nonce, hashlib.sha256).hexdigest()
+
+
+def request_mac(key: bytes, nonce: bytes, unsigned_body: bytes) -> str:
+    return hmac.new(key, b"mep-req\0" + nonce + unsigned_body, hashlib.sha256).hexdigest()
+
+
+class _Session:
+    def __init__(self, key: bytes, max_frame: int):
+        if type(key) is not bytes or len(key) != KEY_BYTES:
+            raise ValueError(f"the session key must be exactly {KEY_BYTES} bytes")
+        self._key = key
+        self._max_frame = max_frame
+        self._reader = FrameReader(max_frame)
+        self._eof = False
+        self.state = None
+
+    @property
+    def partial(self) -> bool:
+        return self._reader.partial
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; b"" means the peer closed its side."""
+        self._guard()
+        if not data:
+            self._eof = True
+            return
+        try:
+            self._reader.feed(data)
+        except ProtocolError:
+            self.state = "error"
+            raise
+
+    def next_event(self):
+        self._guard()
+        try:
+            body = self._reader.next_frame()
+            if body is None:
+                if self._eof:
+                    self._reader.close()
+                    self.state = "closed"
+                    return CLOSED
+                return NEED_DATA
+            return self._handle(canonical.loads(body))
+        except ProtocolError:
+            self.state = "error"
+            raise
+
+    def _frame(self, obj) -> bytes:
+        return encode_frame(canonical.dumps(obj), self._max_frame)
+
+    def _guard(self):
+        if self.state in ("error", "closed"):
+            raise ProtocolError(f"session is {self.state}")
+
+    def _expect(self, state, action):
+        if self.state != state:
+            current, self.state = self.state, "error"
+            raise ProtocolError(f"{action} is not allowed in state {current!r}")
+
+
+class HelperSession(_Session):
+    """The helper's side: issues the challenge, authenticates every request."""
+
+    def __init__(self, key: bytes, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
+        super().__init__(key, max_frame)
+        self.nonce = nonce if nonce is not None else secrets.token_bytes(32)
+        self.next_seq = 1
+        self.state = "start"
+
+    def challenge(self) -> bytes:
+        self._expect("start", "challenge")
+        self.state = "await-hello"
+        return self._frame(messages.to_wire(messages.Challenge(messages.VERSION, self.nonce.hex())))
+
+    def send(self, event) -> bytes:
+        self._guard()
+        if self.state != "ready" or not isinstance(event, messages.HELPER_EVENTS):
+            raise ProtocolError(f"cannot send {type(event).__name__} in state {self.state!r}")
+        return self._frame(messages.to_wire(event))
+
+    def _handle(self, obj):
+        type_name = obj.get("type") if isinstance(obj, dict) else None
+        if self.state == "await-hello":
+            if type_name != "hello":
+                raise ProtocolError(f"expected hello, got {str(type_name)[:40]!r}")
+            hello = messages.from_wire(obj)
+            if not hmac.compare_digest(hello.mac, hello_mac(self._key, self.nonce)):
+                raise ProtocolError("hello: bad MAC (wrong key?)")
+            self.state = "ready"
+            return hello
+        if self.state != "ready":
+            raise ProtocolError(f"no message expected in state {self.state!r}")
+        if type_name == "hello":
+            raise ProtocolError("second hello")
+        cls = messages.REGISTRY.get(type_name) if type(type_name) is str else None
+        if cls is None or not cls.REQUEST:
+            raise ProtocolError(f"{str(type_name)[:40]!r} is not a request")
+        seq, mac = obj.get("seq"), obj.get("mac")
+        if type(mac) is not str or not messages.HEX64_RE.fullmatch(mac):
+            raise ProtocolError("request without a well-formed mac")
+        unsigned = canonical.dumps({k: v for k, v in obj.items() if k != "mac"})
+        if not hmac.compare_digest(mac, request_mac(self._key, self.nonce, unsigned)):
+            raise ProtocolError("request: bad MAC")
+        if type(seq) is not int or seq != self.next_seq:
+            raise ProtocolError(f"request seq {seq!r}, expected {self.next_seq} (replayed or skipped)")
+        request = messages.from_wire(obj, envelope=("seq", "mac"))
+        self.next_seq += 1
+        return request
+
+
+class BrokerSession(_Session):
+    """The broker's side: answers the challenge, signs and numbers every request."""
+
+    def __init__(self, key: bytes, max_frame: int = MAX_FRAME):
+        super().__init__(key, max_frame)
+        self.nonce = None
+        self.next_seq = 1
+        self.state = "await-challenge"
+
+    @classmethod
+    def resume(cls, key: bytes, nonce_hex: str, next_seq: int, max_frame: int = MAX_FRAME):
+        """Continue an authenticated session in a re-exec'd broker (see `export`)."""
+        self = cls(key, max_frame)
+        self.nonce, self.next_seq, self.state = bytes.fromhex(nonce_hex), next_seq, "ready"
+        return self
+
+    def export(self) -> dict:
+        """What a new broker image needs to go on with this connection. Only valid at a
+        frame boundary: the caller must not have unread or half-sent frames."""
+        self._expect("ready", "export")
+        if self._reader.partial:
+            raise ProtocolError("cannot export with a partial frame buffered")
+        return {"nonce": self.nonce.hex(), "next_seq": self.next_seq}
+
+    def hello(self) -> bytes:
+        self._expect("challenged", "hello")
+        self.state = "ready"
+        return self._frame(messages.to_wire(messages.Hello(messages.VERSION, hello_mac(self._key, self.nonce))))
+
+    def send(self, request) -> bytes:
+        self._guard()
+        if self.state != "ready" or not getattr(request, "REQUEST", False):
+            raise ProtocolError(f"cannot send {type(request).__name__} in state {self.state!r}")
+        if self.next_seq > MAX_SEQ:
+            raise ProtocolError("sequence numbers exhausted; reconnect")
+        obj = messages.to_wire(request)
+        obj["seq"] = self.next_seq
+        obj["mac"] = request_mac(self._key, self.nonce, canonical.dumps(obj))
+        self.next_seq += 1
+        return self._frame(obj)
+
+    def _handle(self, obj):
+        msg = messages.from_wire(obj)
+        if self.state == "await-challenge":
+            if not isinstance(msg, messages.Challenge):
+                raise ProtocolError(f"expected challenge, got {msg.TYPE}")
+            self.nonce = bytes.fromhex(msg.nonce)
+            self.state = "challenged"
+            return msg
+        if self.state != "ready" or not isinstance(msg, messages.HELPER_EVENTS):
+            raise ProtocolError(f"unexpected {msg.TYPE} in state {self.state!r}")
+        return msg

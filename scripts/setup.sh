@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything the MEP and its tests need on a fresh Debian machine, as root.
+# Idempotent: a second run only checks. MEP_VENV overrides the venv location.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MEP_VENV:-/opt/mep/venv}
+say() { printf '[setup] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh must run as root: it installs packages, and the helper and its tests need root." >&2
+  exit 1
+fi
+
+# Debian packages: the interpreter the helper runs on (outside /root, so users can reach
+# the UEP interpreter), PAM modules the tests use, runuser/setpriv, systemd tools for
+# socket activation and unit checks, RabbitMQ for the broker.
+pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  say "starting RabbitMQ"
+  rabbitmq-server -detached
+  for _ in $(seq 60); do rabbitmqctl -q status >/dev/null 2>&1 && break; sleep 1; done
+  rabbitmqctl -q status >/dev/null 2>&1 || { echo "RabbitMQ did not start; see /var/log/rabbitmq" >&2; exit 1; }
+fi
+
+if [ ! -x "$VENV/bin/python3" ]; then
+  say "creating $VENV from /usr/bin/python3"
+  mkdir -p "$(dirname "$VENV")"
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip==24.3.1
+fi
+# A plain path entry (compat mode), so that `python3 -I` in the helper sees the same code
+# and no import hook joins the helper's import closure.
+say "installing the project into $VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" --config-settings editable_mode=compat
+# setuptools' distutils-precedence.pth would import _distutils_hack into every
+# interpreter of this venv, the root helper's included: keep it out.
+if "$VENV/bin/python3" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("setuptools") is None)'; then
+  "$VENV/bin/pip" uninstall -q -y setuptools
+fi
+say "ready: $VENV"
