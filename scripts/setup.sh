@@ -37,10 +37,11 @@ if [ ! -x "$VENV/bin/python3" ]; then
   /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip==24.3.1
 fi
-# A plain path entry (compat mode), so that `python3 -I` in the helper sees the same code
-# and no import hook joins the helper's import closure.
+# A regular (not editable) install: the code the root helper runs then lives in a
+# root-owned, read-only tree under the venv, whatever directory this checkout is in,
+# and the broker and UEP accounts can read it.
 say "installing the project into $VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" --config-settings editable_mode=compat
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-script-location ".[test]"
 # setuptools' distutils-precedence.pth would import _distutils_hack into every
 # interpreter of this venv, the root helper's included: keep it out.
 if "$VENV/bin/python3" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("setuptools") is None)'; then

@@ -1,0 +1,143 @@
+"""The broker's side of the helper connection, for asyncio.
+
+Drives protocol.BrokerSession over the inherited socket: answers the challenge, signs
+requests, matches replies to requests by id, and hands `exited` events to a callback.
+File descriptors that arrive with `spawned` (SCM_RIGHTS) are queued in arrival order and
+given to the reply they came with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import socket
+from typing import Callable
+
+from protocol import CLOSED, NEED_DATA, BrokerSession, ProtocolError
+from protocol.messages import CHANNELS, Challenge, Exited, Ping, Refused, Signal, Spawn, Spawned
+
+MAX_FDS_PER_READ = 16
+
+
+class HelperRefused(Exception):
+    """The helper refused a request; `code` and `reason` are the helper's words."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"refused ({code}): {reason}")
+        self.code, self.reason = code, reason
+
+
+class HelperGone(Exception):
+    """The helper connection is closed; nothing more can be spawned."""
+
+
+class SpawnResult:
+    def __init__(self, pid: int, fds: dict):
+        self.pid = pid
+        self.fds = fds  # channel name -> fd owned by the caller ("cred": memfd, "audit": pipe)
+
+
+class HelperClient:
+    def __init__(self, sock: socket.socket, key: bytes, on_exit: Callable[[int, int], None] | None = None,
+                 session: BrokerSession | None = None):
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.session = session or BrokerSession(key)
+        self.on_exit = on_exit or (lambda pid, status: None)
+        self.ready = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+        self._pending: dict[str, asyncio.Future] = {}
+        self._fds: collections.deque[int] = collections.deque()
+        self._ids = itertools.count(1)
+        self._send_lock = asyncio.Lock()
+        if self.session.state == "ready":
+            self.ready.set_result(None)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def connect_fd(cls, fd: int, key: bytes, on_exit=None) -> "HelperClient":
+        client = cls(socket.socket(fileno=fd), key, on_exit)
+        await client.ready
+        return client
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def spawn(self, username: str, uid: int, name: str, env: dict | None = None,
+                    stdin: bytes = b"", channels=CHANNELS) -> SpawnResult:
+        spawned = await self._request(lambda req: Spawn(req, username, uid, name, dict(env or {}), stdin, tuple(channels)))
+        return spawned
+
+    async def signal(self, pid: int, sig: str = "TERM") -> None:
+        await self._request(lambda req: Signal(req, pid, sig))
+
+    async def ping(self) -> None:
+        await self._request(lambda req: Ping(req))
+
+    async def _request(self, build):
+        if self.closed.done():
+            raise HelperGone("the helper connection is closed")
+        req = f"r{next(self._ids)}"
+        future = asyncio.get_running_loop().create_future()
+        self._pending[req] = future
+        async with self._send_lock:
+            data = self.session.send(build(req))
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        return await future
+
+    # -- events -----------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS_PER_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._close(HelperGone(f"reading from the helper: {e}"))
+        self._fds.extend(fds)
+        try:
+            self.session.receive_data(data)
+            while (event := self.session.next_event()) is not NEED_DATA:
+                if event is CLOSED:
+                    return self._close(HelperGone("the helper closed the connection"))
+                self._dispatch(event)
+        except ProtocolError as e:
+            self._close(HelperGone(f"protocol error from the helper: {e}"))
+
+    def _dispatch(self, event) -> None:
+        if isinstance(event, Challenge):
+            self.sock.sendall(self.session.hello())  # a few bytes into an empty socket buffer
+            self.ready.set_result(None)
+        elif isinstance(event, Exited):
+            self.on_exit(event.pid, event.status)
+        else:
+            future = self._pending.pop(event.req, None)
+            if isinstance(event, Spawned):
+                fds = {name: self._fds.popleft() for name in event.channels}
+                if future is None or future.done():
+                    for fd in fds.values():
+                        os.close(fd)
+                else:
+                    future.set_result(SpawnResult(event.pid, fds))
+            elif future is not None and not future.done():
+                if isinstance(event, Refused):
+                    future.set_exception(HelperRefused(event.code, event.reason))
+                else:
+                    future.set_result(event)
+
+    def _close(self, error: Exception) -> None:
+        if self.closed.done():
+            return
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        for future in [self.ready, *self._pending.values()]:
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self.closed.set_result(error)
+
+    def close(self) -> None:
+        self._close(HelperGone("closed by the broker"))
+        self.sock.close()
