@@ -1,0 +1,86 @@
+"""Fixtures that build real things: accounts, a root-owned policy directory, helpers.
+
+Tests marked `root` need uid 0. Outside CI they are skipped when not root; under CI=true
+they fail instead, so that a privileged test can never pass by not running.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from tests import rig
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        if "root" in item.keywords:
+            if IN_CI:
+                item.add_marker(pytest.mark.usefixtures("_fail_not_root"))
+            else:
+                item.add_marker(pytest.mark.skip(reason="needs root (run the suite as root: bash scripts/test.sh)"))
+
+
+@pytest.fixture
+def _fail_not_root():
+    pytest.fail("this test needs root, and CI=true forbids skipping it")
+
+
+@pytest.fixture(scope="session")
+def accounts():
+    if os.geteuid() != 0:
+        pytest.fail("accounts need root")
+    rig.cleanup()
+    try:
+        yield rig.Accounts()
+    finally:
+        rig.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rigdir(accounts):
+    return rig.RigDir(accounts)
+
+
+@pytest.fixture
+def helpers(rigdir):
+    """start(policy=None, **overrides) -> (Helper, Client after the handshake)."""
+    started = []
+
+    def start(policy=None, handshake=True, **overrides):
+        helper = rig.Helper(policy or rigdir.policy(**overrides), rigdir.path)
+        started.append(helper)
+        client = rig.Client(helper.sock, rigdir.key)
+        if handshake:
+            try:
+                client.handshake()
+            except Exception as e:
+                raise AssertionError(f"no handshake with the helper ({e!r}); its log:\n{helper.output()}") from e
+        return helper, client
+
+    yield start
+    for helper in started:
+        helper.stop()
+
+
+@pytest.fixture
+def no_strays(accounts):
+    """After the test, no process may run as a test user; kill and fail if one does."""
+    yield
+    names = [accounts.alice, accounts.bob, accounts.carol]
+    left = {a.pw_name: rig.processes_of(a.pw_name) for a in names}
+    left = {k: v for k, v in left.items() if v}
+    for pids in left.values():
+        rig.kill_all(pids)
+    assert not left, f"processes left running as test users: {left}"
+
+
+@pytest.fixture
+def sh():
+    def run(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True)
+    return run
