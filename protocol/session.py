@@ -117,7 +117,9 @@ class HelperSession(_Session):
         return self._frame(messages.to_wire(event))
 
     def _handle(self, obj):
-        type_name = obj.get("type") if isinstance(obj, dict) else None
+        if type(obj) is not dict:
+            raise ProtocolError("message is not an object")
+        type_name = obj.get("type")
         if self.state == "await-hello":
             if type_name != "hello":
                 raise ProtocolError(f"expected hello, got {str(type_name)[:40]!r}")
