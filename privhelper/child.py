@@ -48,8 +48,9 @@ def reset_signals(unblock: bool = True) -> None:
 def place_fds(plan: dict, err_w: int) -> None:
     """Install plan {target fd: source fd}, move the error pipe to ERR_FD (close-on-exec)
     and close every other fd."""
-    moved = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, 64) for t, s in plan.items()}
-    err = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 64)
+    # first move every source above the targets (low: pam_limits may have lowered NOFILE)
+    moved = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, ERR_FD + 1) for t, s in plan.items()}
+    err = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, ERR_FD + 1)
     for target, source in moved.items():
         os.dup2(source, target, inheritable=True)
     os.dup2(err, ERR_FD, inheritable=False)
@@ -104,25 +105,29 @@ def follow_parent(parent_pid: int, sig: int) -> None:
 
 def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
     """In the forked UEP (or broker) child. Never returns."""
-    err_fd = err_w
+    err_fd, step = err_w, "setsid"
     try:
         os.setsid()
+        step = "signals"
         reset_signals()
+        step = "fds"
         place_fds(plan, err_w)
-        err_fd = ERR_FD
+        err_fd, step = ERR_FD, "privilege drop"
         drop_privileges(account.name, account.uid, account.gid, account.groups, no_new_privs)
+        step = "parent-death signal"
         follow_parent(parent_pid, signal.SIGKILL)
         try:
             os.chdir(account.home)
         except OSError:
             os.chdir("/")
         os.umask(0o077)
+        step = "exec"
         try:
             os.execve(argv[0], list(argv), env)
         except OSError as e:
             raise SetupError("exec-failed", f"cannot exec {argv[0]}: {e.strerror}") from None
     except BaseException as e:  # noqa: BLE001 - anything at all must end in _exit
-        code, reason = (e.code, e.reason) if isinstance(e, SetupError) else ("setup-failed", repr(e))
+        code, reason = (e.code, e.reason) if isinstance(e, SetupError) else ("setup-failed", f"{step}: {e!r}")
         try:
             os.write(err_fd, f"{code} {reason}".encode()[:1000])
         finally:

@@ -1,0 +1,99 @@
+"""PAM in the per-UEP session process (SECURITY-REVIEW 14), with real modules and
+service files under /etc/pam.d created for the test."""
+
+import os
+
+import pytest
+
+from tests import rig
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
+
+
+@pytest.fixture(scope="module")
+def pamrig(rigdir, accounts):
+    log = rigdir.path / "pam-session.log"
+    hook = rigdir.file("pam-hook.sh", f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER $PAM_SERVICE" >> {log}\n', mode=0o755)
+    limits = rigdir.file("limits.conf", f"{accounts.alice.pw_name} soft nofile 64\n{accounts.alice.pw_name} hard nofile 64\n")
+    nologin = rigdir.path / "nologin"
+    services = {
+        "full": rig.pam_service("full", f"""auth     required pam_permit.so
+account  required pam_unix.so
+account  required pam_shells.so
+session  required pam_exec.so {hook}
+session  required pam_limits.so conf={limits}
+"""),
+        "deny": rig.pam_service("deny", "auth required pam_permit.so\naccount required pam_deny.so\n"),
+        "nologin": rig.pam_service("nologin", f"auth required pam_permit.so\naccount required pam_nologin.so file={nologin}\naccount required pam_permit.so\n"),
+    }
+    return {"log": log, "nologin_file": nologin, **services}
+
+
+def pam_policy(rigdir, service, **kw):
+    return rigdir.policy(pam={"enabled": True, "service": service, **kw.pop("pam", {})}, **kw)
+
+
+def lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_session_is_open_while_the_uep_runs_and_closed_after(helpers, accounts, rigdir, pamrig):
+    helper, client = helpers(pam_policy(rigdir, pamrig["full"]))
+    before = len(lines(pamrig["log"]))
+    reply = client.spawn(accounts.alice, stdin=b'{"sleep": 1}')
+    assert reply.type == "spawned", reply
+    seen = rig.read_report(reply.fds["audit"])
+    user = accounts.alice.pw_name
+    assert lines(pamrig["log"])[before:] == [f"open_session {user} {pamrig['full']}"]  # open, not yet closed
+    assert client.wait_exited(reply.pid).status == 0
+    assert lines(pamrig["log"])[before:] == [f"open_session {user} {pamrig['full']}", f"close_session {user} {pamrig['full']}"]
+    assert seen["no_new_privs"] == 0  # with PAM, NO_NEW_PRIVS is policy and off by default
+    assert seen["caps"]["CapEff"] == seen["caps"]["CapBnd"] == "0000000000000000"
+
+
+def test_pam_limits_act_on_the_session_not_the_helper(helpers, accounts, rigdir, pamrig):
+    helper, client = helpers(pam_policy(rigdir, pamrig["full"]))
+    limits_path = f"/proc/{helper.proc.pid}/limits"
+    before = open(limits_path).read()
+    reply = client.spawn(accounts.alice, stdin=b'{"sleep": 1}')
+    seen = rig.read_report(reply.fds["audit"])
+    assert seen["nofile_soft"] == "64"  # pam_limits applied to the UEP...
+    assert open(limits_path).read() == before  # ...and not to the long-lived helper
+    assert "Max open files            64" not in before
+    client.wait_exited(reply.pid)
+
+
+def test_no_new_privs_with_pam_is_policy(helpers, accounts, rigdir, pamrig):
+    helper, client = helpers(pam_policy(rigdir, pamrig["full"], pam={"no_new_privs": True}))
+    reply = client.spawn(accounts.alice)
+    assert rig.read_report(reply.fds["audit"])["no_new_privs"] == 1
+
+
+def test_account_denied(helpers, accounts, rigdir, pamrig):
+    helper, client = helpers(pam_policy(rigdir, pamrig["deny"]))
+    reply = client.spawn(accounts.alice)
+    assert reply.type == "refused"
+    assert reply.code == "pam-acct-mgmt"
+    assert f"PAM service '{pamrig['deny']}' refused 'mept-alice'" in reply.reason
+    assert "code=pam-acct-mgmt" in helper.output()
+
+
+def test_shell_not_in_etc_shells(helpers, accounts, rigdir, pamrig):
+    helper, client = helpers(pam_policy(rigdir, pamrig["full"]))
+    reply = client.spawn(accounts.badshell)
+    assert reply.type == "refused" and reply.code == "pam-acct-mgmt", reply
+    ok = client.spawn(accounts.alice)
+    assert ok.type == "spawned"
+
+
+def test_nologin_message_reaches_the_caller(helpers, accounts, rigdir, pamrig):
+    pamrig["nologin_file"].write_text("Down for maintenance until 14:00\n")
+    try:
+        helper, client = helpers(pam_policy(rigdir, pamrig["nologin"]))
+        reply = client.spawn(accounts.alice)
+        assert reply.type == "refused" and reply.code == "pam-acct-mgmt"
+        assert "Down for maintenance until 14:00" in reply.reason, reply
+    finally:
+        pamrig["nologin_file"].unlink()
+    ok = client.spawn(accounts.alice, name="after")
+    assert ok.type == "spawned", ok  # the file is gone: allowed again
