@@ -1,0 +1,150 @@
+"""Lifetime (SECURITY-REVIEW 15, 16, 18) and the launch mode: no UEP outlives its MEP,
+and the helper only signals its own children."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests import rig
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
+
+
+class Launched:
+    """`mep-privhelper --launch`: the helper as root, the test broker as mept-broker."""
+
+    def __init__(self, rigdir, spawns, **policy):
+        broker_argv = [rig.PYTHON, "-I", str(rigdir.path / "testbroker.py"), str(rigdir.lib), str(rigdir.key_file),
+                       json.dumps(spawns)]
+        self.log_path = rigdir.path / f"launch-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(rig.helper_cmd(rigdir.policy(broker_argv=broker_argv, **policy), "--launch"),
+                                     stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True)
+        self.lines = []
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"broker ended early; helper log:\n{self.log_path.read_text()}"
+            self.lines.append(json.loads(line))
+            if self.lines[-1] == "ready":
+                break
+        self.broker = self.lines[0]
+        self.ueps = [entry for entry in self.lines if isinstance(entry, dict) and "pid" in entry and "report" in entry]
+
+    def session_pids(self):
+        out = rig.run("pgrep", "-P", str(self.proc.pid), check=False).stdout.split()
+        return [int(p) for p in out if int(p) != self.broker["broker_pid"]]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def launch(rigdir):
+    started = []
+
+    def start(spawns, **policy):
+        launched = Launched(rigdir, spawns, **policy)
+        started.append(launched)
+        return launched
+
+    yield start
+    for launched in started:
+        launched.close()
+
+
+def sleepers(accounts, seconds=60):
+    return [{"user": a.pw_name, "uid": a.pw_uid, "stdin": json.dumps({"sleep": seconds, "grandchild": True})}
+            for a in (accounts.alice, accounts.bob)]
+
+
+def test_launch_mode_broker_runs_unprivileged(launch, accounts):
+    """The root parent stays the helper; the broker child is the broker account with no
+    capabilities and NO_NEW_PRIVS, and reaches the helper on fd 3."""
+    mep = launch([])
+    broker = mep.broker
+    assert broker["uid"] == accounts.broker.pw_uid
+    assert broker["env"]["MEP_HELPER_FD"] == "3"
+    assert broker["env"]["USER"] == accounts.broker.pw_name
+    status = open(f"/proc/{broker['broker_pid']}/status").read()
+    assert "NoNewPrivs:\t1" in status
+    assert "CapEff:\t0000000000000000" in status and "CapBnd:\t0000000000000000" in status
+    assert int(rig.run("ps", "-o", "ppid=", "-p", str(broker["broker_pid"])).stdout) == mep.proc.pid
+
+
+def test_broker_sigkill_stops_every_uep_and_closes_pam(launch, accounts, rigdir):
+    """15: SIGKILL to the broker: the helper sees the connection close, TERMs every UEP
+    group (grandchildren included), the session processes close PAM, the helper exits."""
+    log = rigdir.path / "pam-lifetime.log"
+    hook = rigdir.file("pam-lifetime.sh", f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {log}\n', mode=0o755)
+    service = rig.pam_service("lifetime", f"auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_exec.so {hook}\n")
+    mep = launch(sleepers(accounts), pam={"enabled": True, "service": service})
+    ueps = [u["pid"] for u in mep.ueps]
+    everyone = ueps + rig.processes_of(accounts.alice.pw_name) + rig.processes_of(accounts.bob.pw_name)
+    assert len(set(everyone)) == 4  # two UEPs, two grandchildren
+    assert sorted(log.read_text().split("\n")[:-1]) == ["open_session mept-alice", "open_session mept-bob"]
+    os.kill(mep.broker["broker_pid"], signal.SIGKILL)
+    assert rig.wait_gone(everyone, timeout=5) == []
+    assert mep.proc.wait(10) == 0
+    assert sorted(log.read_text().split("\n")[:-1]) == ["close_session mept-alice", "close_session mept-bob",
+                                                        "open_session mept-alice", "open_session mept-bob"]
+
+
+def test_helper_sigkill_takes_everything_with_it(launch, accounts):
+    """16: SIGKILL to the helper: PDEATHSIG takes the broker and the session processes,
+    which take their UEP groups."""
+    mep = launch(sleepers(accounts))
+    sessions = mep.session_pids()
+    assert len(sessions) == 2
+    everyone = [mep.broker["broker_pid"], *sessions, *rig.processes_of(accounts.alice.pw_name),
+                *rig.processes_of(accounts.bob.pw_name)]
+    assert len(everyone) == 7
+    os.kill(mep.proc.pid, signal.SIGKILL)
+    mep.proc.wait()
+    assert rig.wait_gone(everyone, timeout=5) == []
+
+
+def test_signal_only_for_own_children(helpers, accounts):
+    """18: pid 1, the test's own pid and the helper's pid are refused; the helper's own
+    UEP gets the signal, to its whole process group."""
+    helper, client = helpers()
+    from protocol.messages import Signal
+    for pid in (1, os.getpid(), helper.proc.pid):
+        req = client.req_id()
+        client.request(Signal(req, pid, "KILL"))
+        reply = client.reply(req)
+        assert reply.type == "refused" and reply.code == "not-our-child", reply
+        assert f"pid {pid} is not a running UEP started by this helper" == reply.reason
+    assert rig.alive(helper.proc.pid)
+    reply = client.spawn(accounts.alice, stdin=b'{"sleep": 30, "grandchild": true}')
+    rig.read_report(reply.fds["audit"])
+    group = rig.processes_of(accounts.alice.pw_name)
+    assert len(group) == 2
+    req = client.req_id()
+    client.request(Signal(req, reply.pid, "TERM"))
+    assert client.reply(req).type == "signaled"
+    assert client.wait_exited(reply.pid).status == -signal.SIGTERM
+    assert rig.wait_gone(group) == []
+    req = client.req_id()  # and an exited UEP is no longer a target
+    client.request(Signal(req, reply.pid, "KILL"))
+    assert client.reply(req).code == "not-our-child"
+
+
+def test_closing_the_connection_stops_a_uep_that_ignores_term(helpers, accounts, rigdir):
+    """The grace period ends in SIGKILL for the whole group."""
+    script = rigdir.file("stubborn", "#!/bin/sh\ntrap '' TERM\necho started >&4\nwhile :; do sleep 0.1; done\n", mode=0o755)
+    helper, client = helpers(uep_argv=[str(script), "{name}"], stop_grace_seconds=1)
+    reply = client.spawn(accounts.alice)
+    assert os.read(reply.fds["audit"], 100) == b"started\n"
+    pids = rig.processes_of(accounts.alice.pw_name)
+    started = time.monotonic()
+    client.sock.close()
+    assert helper.wait() == 0
+    assert rig.wait_gone(pids, timeout=5) == []
+    assert 1 <= time.monotonic() - started < 8
