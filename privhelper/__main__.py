@@ -4,7 +4,7 @@
     mep-privhelper --policy FILE --socket-activated  one systemd-accepted connection
     mep-privhelper --policy FILE --fd N              an already-connected socket (tests)
 
-Always runs as `python3 -I`; started any other way it re-executes itself so.
+Always runs as `python3 -I -S`; started any other way it re-executes itself so.
 """
 
 import argparse
@@ -31,10 +31,21 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+BOOT = "import sys; sys.path.insert(0, {code_dir!r}); from privhelper.__main__ import main; sys.exit(main())"
+
+
+def isolated_argv(python: str, code_dir: str, args: list) -> list:
+    """-I: no user site, no PYTHON* variables, no cwd on sys.path; -S: no site-packages
+    and no .pth or sitecustomize hooks. The only path added is the helper's own code."""
+    return [python, "-I", "-S", "-c", BOOT.format(code_dir=code_dir), *args]
+
+
 def main(argv=None) -> int:
-    if not sys.flags.isolated:  # -I: no user site, no PYTHON* environment, no cwd on sys.path
-        os.execv(sys.executable, [sys.executable, "-I", "-m", "privhelper", *(sys.argv[1:] if argv is None else argv)])
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    code_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not (sys.flags.isolated and sys.flags.no_site):
+        os.execv(sys.executable, isolated_argv(sys.executable, code_dir, argv))
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="mep-privhelper[%(process)d] %(levelname)s %(message)s",
@@ -48,6 +59,9 @@ def main(argv=None) -> int:
     from privhelper import activation, launch, monitor, policy as policy_mod
 
     try:
+        for module in list(sys.modules.values()):  # root runs only code that only root can change
+            if module.__name__.split(".")[0] in ("privhelper", "protocol"):
+                policy_mod.check_trusted_path(module.__file__, "helper code")
         policy = policy_mod.load_policy(args.policy)
         key = policy_mod.read_key(policy)
     except (policy_mod.PolicyError, OSError) as e:

@@ -122,9 +122,11 @@ class RigDir:
         self.key_file.write_bytes(self.key)
         # a copy of the unprivileged packages that a launched test broker may import
         self.lib = self.path / "lib"
-        for package in ("protocol", "broker"):
+        for package in ("protocol", "privhelper", "broker"):
             shutil.copytree(ROOT / package, self.lib / package, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copyfile(ROOT / "tests" / "testbroker.py", self.path / "testbroker.py")
+        global CODE_DIR
+        CODE_DIR = self.lib
         run("chmod", "-R", "go-w,a+rX", str(self.path))
         os.chown(self.key_file, 0, accounts.broker.pw_gid)
         os.chmod(self.key_file, 0o640)
@@ -164,10 +166,13 @@ def pam_service(name: str, text: str) -> str:
 
 # -- the helper -------------------------------------------------------------------------
 
+CODE_DIR = ROOT  # RigDir points it at its root-owned copy of the checkout's packages
+
+
 def helper_cmd(policy: Path, *mode: str) -> list:
-    """Run the checkout's helper as root with `python3 -I`, as mep-privhelper does."""
-    boot = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from privhelper.__main__ import main; sys.exit(main())"
-    return [PYTHON, "-I", "-c", boot, "--policy", str(policy), *mode]
+    """The helper as mep-privhelper runs it: python3 -I -S, only its own code on sys.path."""
+    from privhelper.__main__ import isolated_argv
+    return isolated_argv(PYTHON, str(CODE_DIR), ["--policy", str(policy), *mode])
 
 
 class Helper:

@@ -1,0 +1,59 @@
+"""The helper's import closure: the standard library, `protocol` and its own modules
+(whose ctypes bindings load only libc and libpam). Nothing from the broker, nothing
+from site-packages."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.rig import PYTHON, ROOT
+
+ALLOWED_OWN = ("protocol", "privhelper")
+
+
+def imported_names(package: str):
+    for path in sorted((ROOT / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                yield path.name, [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                yield path.name, [node.module or ""] if node.level == 0 else [f"{package}.(relative)"]
+
+
+def test_source_imports_only_stdlib_protocol_and_privhelper():
+    for package, allowed in (("protocol", ("protocol",)), ("privhelper", ALLOWED_OWN)):
+        for filename, names in imported_names(package):
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in allowed, f"{package}/{filename} imports {name}"
+
+
+def test_runtime_closure_of_the_isolated_helper():
+    """Import every helper module the way the helper runs (python3 -I -S) and list what got
+    loaded: each module must be stdlib, protocol or privhelper; each file must come from
+    the interpreter's own library or from this checkout. No sitecustomize, no .pth hook."""
+    code = f"""
+import sys, json
+sys.path.insert(0, {str(ROOT)!r})
+import privhelper.__main__, privhelper.monitor, privhelper.child, privhelper.pam, privhelper.linux
+import privhelper.policy, privhelper.authorize, privhelper.activation, privhelper.launch
+print(json.dumps({{name: getattr(m, "__file__", None) for name, m in sys.modules.items()}}))
+"""
+    out = subprocess.run([PYTHON, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
+    modules = json.loads(out.stdout)
+    stdlib_dir = Path(subprocess.run([PYTHON, "-I", "-c", "import os; print(os.path.dirname(os.__file__))"],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+    for name, file in modules.items():
+        top = name.split(".")[0]
+        if top in ALLOWED_OWN:
+            assert Path(file).resolve().is_relative_to(ROOT), (name, file)
+            continue
+        assert top in sys.stdlib_module_names or name == "__main__", (name, file)
+        if file is not None:
+            resolved = Path(file).resolve()
+            assert resolved.is_relative_to(stdlib_dir), (name, file)
+            assert "site-packages" not in str(resolved) and "dist-packages" not in str(resolved), (name, file)
+    assert not any(n.split(".")[0] in ("broker", "aio_pika", "jinja2", "yaml", "cffi", "prctl") for n in modules)
+    assert "privhelper.pam" in modules and "ctypes" in modules
