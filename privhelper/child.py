@@ -6,7 +6,7 @@ drops to the user with no way back and execs the policy's program. Both run only
 forked copies of the helper, never in the helper itself.
 """
 
-import errno
+import contextlib
 import fcntl
 import logging
 import os
@@ -35,39 +35,28 @@ class _Stop(Exception):
 
 
 def reset_signals(unblock: bool = True) -> None:
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass  # signals Python cannot handle (e.g. 32, 33 used by glibc)
+    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
+        with contextlib.suppress(OSError, ValueError):  # glibc's internal signals 32, 33
+            signal.signal(sig, signal.SIG_DFL)
     if unblock:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def place_fds(plan: dict, err_w: int) -> None:
-    """Install plan {target fd: source fd}, move the error pipe to ERR_FD (close-on-exec)
-    and close every other fd."""
-    # first move every source above the targets (low: pam_limits may have lowered NOFILE)
-    moved = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, ERR_FD + 1) for t, s in plan.items()}
-    err = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, ERR_FD + 1)
+    """Install plan {target fd: source fd} and the error pipe at ERR_FD (close-on-exec);
+    close everything else. Sources move above the targets first (only just above:
+    pam_limits may have lowered RLIMIT_NOFILE)."""
+    moved = {t: fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, ERR_FD + 1) for t, s in {**plan, ERR_FD: err_w}.items()}
     for target, source in moved.items():
-        os.dup2(source, target, inheritable=True)
-    os.dup2(err, ERR_FD, inheritable=False)
-    for fd in range(3):
-        if fd not in plan:
-            raise SetupError("setup-failed", f"fd {fd} has no source")
+        os.dup2(source, target, inheritable=target != ERR_FD)
     os.closerange(ERR_FD + 1, os.sysconf("SC_OPEN_MAX"))
-    for fd in (3, 4):
-        if fd not in plan:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    for fd in {3, 4} - set(plan):
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def drop_privileges(name: str, uid: int, gid: int, groups: tuple, no_new_privs: bool) -> None:
-    """Become uid/gid with exactly `groups`, no capabilities, and verify every bit of it."""
+    """Become uid/gid with exactly `groups` and no capabilities; verify every bit of it."""
     linux.prctl(linux.PR_SET_KEEPCAPS, 0)
     linux.drop_bounding_set()  # needs CAP_SETPCAP, so before the uid change
     linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
@@ -79,15 +68,11 @@ def drop_privileges(name: str, uid: int, gid: int, groups: tuple, no_new_privs: 
         raise SetupError("setup-failed", f"ids after the drop are {os.getresuid()}/{os.getresgid()}")
     if tuple(sorted(set(os.getgroups()))) != tuple(groups):
         raise SetupError("setup-failed", f"groups after the drop are {sorted(os.getgroups())}, expected {list(groups)}")
-    try:
+    with contextlib.suppress(PermissionError):
         os.setuid(0)
-    except PermissionError:
-        pass
-    else:
         raise SetupError("setup-failed", "setuid(0) succeeded after the drop")
     status = linux.proc_status()
-    left = {k: status[k] for k in _CAP_KEYS if int(status[k], 16) != 0}
-    if left:
+    if left := {k: status[k] for k in _CAP_KEYS if int(status[k], 16)}:
         raise SetupError("setup-failed", f"capabilities left after the drop: {left}")
     if no_new_privs:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
@@ -104,7 +89,8 @@ def follow_parent(parent_pid: int, sig: int) -> None:
 
 
 def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
-    """In the forked UEP (or broker) child. Never returns."""
+    """In the forked UEP (or broker) child. Never returns; a failure is written, as
+    "CODE reason", to the error pipe before _exit."""
     err_fd, step = err_w, "setsid"
     try:
         os.setsid()
@@ -135,17 +121,14 @@ def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
 
 
 def build_env(account, policy, pam_env: dict, extra: dict) -> dict:
-    env = {
-        "HOME": account.home, "USER": account.name, "LOGNAME": account.name,
-        "SHELL": account.shell, "PATH": policy.path_env, "LANG": policy.lang,
-    }
+    env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, "SHELL": account.shell,
+           "PATH": policy.path_env, "LANG": policy.lang}
     for name, value in pam_env.items():
         if name in FIXED_ENV or policy.env_denied(name):
             log.warning("PAM service %s set %s for %s; dropped (helper env deny-list)", policy.pam.service, name, account.name)
         else:
             env[name] = value
-    env.update(extra)  # already checked against the deny-list by authorize()
-    return env
+    return {**env, **extra}  # `extra` was checked against the deny-list by authorize()
 
 
 def _report(fd: int, line: str) -> None:
@@ -172,39 +155,35 @@ def _raise_stop(signum, frame):
 
 
 def _run_session(account, req, policy, child_fds, status_w) -> int:
-    pam = None
-    pam_env = {}
+    """Report "ok PID" or "refused CODE REASON", then "exit STATUS", on the status pipe."""
+    pam, pam_env = None, {}
     try:
         if policy.pam.enabled:
             pam = PamSession(policy.pam.service, account.name)
             pam.open()
             pam_env = pam.environment()
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        plan = {0: child_fds["stdin"], 1: devnull, 2: devnull}
-        plan.update({CHANNEL_FDS[c]: child_fds[c] for c in req.channels})
+        plan = {0: child_fds["stdin"], 1: devnull, 2: devnull, **{CHANNEL_FDS[c]: child_fds[c] for c in req.channels}}
         argv = tuple(req.name if a == "{name}" else a for a in policy.uep_argv)
         env = build_env(account, policy, pam_env, dict(req.env))
-        nnp = policy.pam.no_new_privs or not policy.pam.enabled
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         me = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=nnp, parent_pid=me)
-        os.close(err_w)
-        for fd in set(plan.values()):
+        if (pid := os.fork()) == 0:
+            exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, parent_pid=me,
+                       no_new_privs=policy.pam.no_new_privs or not policy.pam.enabled)
+        for fd in {err_w, *plan.values()}:
             os.close(fd)
-        failure = read_all(err_r)
-        if failure:
+        if failure := read_all(err_r):
             os.waitpid(pid, 0)
-            code, _, reason = failure.decode("utf-8", "replace").partition(" ")
-            _report(status_w, f"refused {code} {reason}")
+            _report(status_w, "refused " + failure.decode("utf-8", "replace"))
             return 0
         _report(status_w, f"ok {pid}")
         status = _wait_uep(pid, policy.stop_grace_seconds)
         _report(status_w, f"exit {os.waitstatus_to_exitcode(status)}")
         return 0
     except PamError as e:
-        _report(status_w, f"refused pam-{e.step.removeprefix('pam_').replace('_', '-')} PAM service {policy.pam.service!r} refused {account.name!r}: {e}")
+        step = e.step.removeprefix("pam_").replace("_", "-")
+        _report(status_w, f"refused pam-{step} PAM service {policy.pam.service!r} refused {account.name!r}: {e}")
         return 0
     except _Stop:
         return 1
@@ -225,37 +204,26 @@ def read_all(fd: int) -> bytes:
 
 
 def _wait_uep(pid: int, grace: int) -> int:
-    """Wait for the UEP; on a stop signal, TERM its group, then KILL after `grace` s."""
-    try:
-        _, status = os.waitpid(pid, 0)
-    except _Stop:
-        status = terminate_group(pid, grace)
-    _kill_group(pid, signal.SIGKILL)  # whatever the UEP left behind in its group
+    """Wait for the UEP. On a stop signal, TERM its group and KILL it after `grace` s.
+    Either way, KILL whatever the UEP left behind in its group."""
+    deadline = None
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG if deadline else 0)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                _kill_group(pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.02)
+        except _Stop:
+            if deadline is None:
+                _kill_group(pid, signal.SIGTERM)
+                deadline = time.monotonic() + grace
+    _kill_group(pid, signal.SIGKILL)
     return status
 
 
-def terminate_group(pid: int, grace: int) -> int:
-    _kill_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except _Stop:
-            continue
-        if done:
-            return status
-        time.sleep(0.02)
-    _kill_group(pid, signal.SIGKILL)
-    while True:
-        try:
-            return os.waitpid(pid, 0)[1]
-        except _Stop:
-            continue
-
-
 def _kill_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except OSError as e:
-        if e.errno != errno.ESRCH:
-            raise

@@ -9,6 +9,7 @@ Fatal means: log why, close the connection, stop every UEP (TERM to its group, K
 the grace period), wait for the session processes to close their PAM sessions, exit.
 """
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -31,16 +32,19 @@ class Fatal(Exception):
     pass
 
 
+@dataclasses.dataclass(eq=False)
 class SessionChild:
     """The helper's record of one session process and the UEP it starts."""
-
-    def __init__(self, pid, req, account, status_fd, broker_fds, channels):
-        self.pid, self.req, self.account = pid, req, account
-        self.status_fd, self.broker_fds, self.channels = status_fd, broker_fds, channels
-        self.buf = b""
-        self.uep_pid = None
-        self.answered = False
-        self.exit_code = None
+    pid: int
+    req: str
+    account: object
+    status_fd: int | None
+    broker_fds: list
+    channels: tuple
+    buf: bytes = b""
+    uep_pid: int | None = None
+    answered: bool = False
+    exit_code: int | None = None
 
 
 class Monitor:
@@ -153,7 +157,7 @@ class Monitor:
             account = authorize(msg, self.policy, len(live), lambda uid: sum(c.account.uid == uid for c in live))
         except Refusal as r:
             return self.refuse(msg.req, r.code, r.reason, msg.username)
-        child_fds, broker_fds = self.make_channels(msg, account)
+        child_fds, broker_fds = self.make_channels(msg)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         pid = os.fork()
@@ -175,24 +179,20 @@ class Monitor:
         self.poller.register(status_r, select.POLLIN)
         log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
 
-    def make_channels(self, msg: Spawn, account):
-        """stdin: a sealed memfd holding the payload; cred: a memfd the broker writes and the
-        UEP reads; audit: a pipe the UEP writes and the broker reads."""
-        stdin_rw = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.write(stdin_rw, msg.stdin) if msg.stdin else None
-        fcntl.fcntl(stdin_rw, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        os.fchmod(stdin_rw, 0o400)
-        child_fds = {"stdin": os.open(f"/proc/self/fd/{stdin_rw}", os.O_RDONLY | os.O_CLOEXEC)}
-        os.close(stdin_rw)
-        broker_fds = []
+    def make_channels(self, msg: Spawn):
+        """stdin: a sealed read-only memfd holding the payload; cred: a memfd the broker
+        writes and the UEP reads; audit: a pipe the UEP writes and the broker reads."""
+        stdin = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(stdin, msg.stdin)
+        fcntl.fcntl(stdin, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        child_fds, broker_fds = {"stdin": _reopen_read_only(stdin)}, []
+        os.close(stdin)
         if "cred" in msg.channels:
             cred = os.memfd_create("mep-cred", os.MFD_CLOEXEC)
-            os.fchmod(cred, 0o600)
-            child_fds["cred"] = os.open(f"/proc/self/fd/{cred}", os.O_RDONLY | os.O_CLOEXEC)
+            child_fds["cred"] = _reopen_read_only(cred)
             broker_fds.append(cred)
         if "audit" in msg.channels:
-            audit_r, audit_w = os.pipe2(os.O_CLOEXEC)
-            child_fds["audit"] = audit_w
+            audit_r, child_fds["audit"] = os.pipe2(os.O_CLOEXEC)
             broker_fds.append(audit_r)
         return child_fds, broker_fds
 
@@ -278,24 +278,19 @@ class Monitor:
     # -- the end -----------------------------------------------------------------
 
     def shutdown(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        for rec in self.children.values():
-            _kill(rec.pid, signal.SIGTERM)  # the session process TERMs, then KILLs, its UEP group
-        if self.broker_pid is not None:
-            _kill(self.broker_pid, signal.SIGTERM)
+        """TERM every session process (each TERMs, then KILLs, its UEP group and closes PAM)
+        and the broker; KILL what is left after the grace period; reap everything."""
+        self.conn.close()
+        for pid in [*self.children, self.broker_pid]:
+            _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.policy.stop_grace_seconds + 5
         while self.children or self.broker_pid is not None:
             if time.monotonic() > deadline:
+                log.error("killing session processes %s and their UEP groups: they did not stop", list(self.children))
                 for rec in self.children.values():
-                    log.error("session process %d did not stop; killing it and UEP group %s", rec.pid, rec.uep_pid)
                     _kill(rec.pid, signal.SIGKILL)
-                    if rec.uep_pid:
-                        _kill(-rec.uep_pid, signal.SIGKILL)
-                if self.broker_pid is not None:
-                    _kill(self.broker_pid, signal.SIGKILL)
+                    _kill(-rec.uep_pid if rec.uep_pid else None, signal.SIGKILL)
+                _kill(self.broker_pid, signal.SIGKILL)
                 deadline = float("inf")
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -303,17 +298,21 @@ class Monitor:
                 break
             if pid == 0:
                 time.sleep(0.02)
-            elif pid == self.broker_pid:
-                self.broker_pid = None
-            else:
-                self.children.pop(pid, None)
+            self.children.pop(pid, None)
+            self.broker_pid = None if pid == self.broker_pid else self.broker_pid
 
 
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def _kill(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _reopen_read_only(fd: int) -> int:
+    """A second, read-only open file description: the UEP cannot write through it."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _describe(status: int) -> str:

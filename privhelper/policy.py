@@ -64,12 +64,9 @@ class Policy:
         return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in self.env_deny)
 
 
-_KEYS = {
-    "broker_user": str, "key_file": str, "uep_argv": list, "broker_argv": list, "min_uid": int,
-    "max_uid": int, "deny_users": list, "deny_groups": list, "allow_users": list, "allow_groups": list,
-    "pam": dict, "max_children": int, "max_children_per_user": int, "env_deny": list, "path": str,
-    "lang": str, "stop_grace_seconds": int, "io_timeout_seconds": int, "max_frame": int,
-}
+_INTS = ("min_uid", "max_uid", "max_children", "max_children_per_user", "stop_grace_seconds", "io_timeout_seconds", "max_frame")
+_KEYS = {"broker_user": str, "key_file": str, "pam": dict, "path": str, "lang": str, **dict.fromkeys(_INTS, int),
+         **dict.fromkeys(("uep_argv", "broker_argv", "deny_users", "deny_groups", "allow_users", "allow_groups", "env_deny"), list)}
 _PAM_KEYS = {"enabled": bool, "service": str, "no_new_privs": bool}
 _REQUIRED = ("broker_user", "key_file", "uep_argv")
 
@@ -149,33 +146,16 @@ def load_policy(path: str) -> Policy:
     uep_argv = _argv(raw, "uep_argv", path, placeholder=True)
     if not uep_argv:
         raise PolicyError(f"{path}: uep_argv must not be empty")
-    ints = {k: raw[k] for k in ("min_uid", "max_uid", "max_children", "max_children_per_user",
-                                "stop_grace_seconds", "io_timeout_seconds", "max_frame") if k in raw}
-    if ints.get("min_uid", 1000) < 1:
-        raise PolicyError(f"{path}: min_uid must be at least 1 (uid 0 is never spawned)")
-    if not 1 <= ints.get("max_frame", 1 << 20) <= 1 << 20:
-        raise PolicyError(f"{path}: max_frame must be in 1..1048576")
-    for key in ("max_children", "max_children_per_user", "stop_grace_seconds", "io_timeout_seconds"):
-        if key in ints and ints[key] < 1:
-            raise PolicyError(f"{path}: {key} must be at least 1")
-    return Policy(
-        path=path,
-        broker_user=broker.pw_name,
-        broker_uid=broker.pw_uid,
-        broker_gid=broker.pw_gid,
-        key_file=raw["key_file"],
-        uep_argv=uep_argv,
-        broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
-        deny_users=frozenset(_str_list(raw, "deny_users", path)),
-        deny_groups=frozenset(_str_list(raw, "deny_groups", path)),
-        allow_users=frozenset(_str_list(raw, "allow_users", path)),
-        allow_groups=frozenset(_str_list(raw, "allow_groups", path)),
-        pam=pam,
-        env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),
-        path_env=raw.get("path", Policy.path_env),
-        lang=raw.get("lang", Policy.lang),
-        **ints,
-    )
+    ints = {k: raw[k] for k in _INTS if k in raw}
+    for key, low, high in (("min_uid", 1, None), ("max_frame", 1, 1 << 20), ("max_children", 1, None),
+                           ("max_children_per_user", 1, None), ("stop_grace_seconds", 1, None), ("io_timeout_seconds", 1, None)):
+        if key in ints and not low <= ints[key] <= (high or ints[key]):
+            raise PolicyError(f"{path}: {key} must be in {low}..{high or ''}" + (" (uid 0 is never spawned)" if key == "min_uid" else ""))
+    lists = {k: frozenset(_str_list(raw, k, path)) for k in ("deny_users", "deny_groups", "allow_users", "allow_groups")}
+    return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid, broker_gid=broker.pw_gid,
+                  key_file=raw["key_file"], uep_argv=uep_argv, broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
+                  pam=pam, env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),
+                  path_env=raw.get("path", Policy.path_env), lang=raw.get("lang", Policy.lang), **lists, **ints)
 
 
 def read_key(policy: Policy) -> bytes:

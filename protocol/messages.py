@@ -50,8 +50,8 @@ class Int(_Field):
 
 
 class Str(_Field):
-    def __init__(self, regex=None, max_len=256, choices=None):
-        self.regex, self.max_len, self.choices = regex, max_len, choices
+    def __init__(self, regex=None, max_len=256, choices=None, no_dotdot=False):
+        self.regex, self.max_len, self.choices, self.no_dotdot = regex, max_len, choices, no_dotdot
 
     def check(self, name, value):
         if type(value) is not str:
@@ -64,27 +64,7 @@ class Str(_Field):
             raise ProtocolError(f"{name}: {value[:80]!r} does not match {self.regex.pattern}")
         if self.choices is not None and value not in self.choices:
             raise ProtocolError(f"{name}: {value[:80]!r} is not one of {sorted(self.choices)}")
-        return value
-
-
-class Username(Str):
-    def __init__(self):
-        super().__init__(USERNAME_RE, 32)
-
-    def check(self, name, value):
-        super().check(name, value)
-        if ".." in value:
-            raise ProtocolError(f"{name}: contains '..'")
-        return value
-
-
-class UepName(Str):
-    def __init__(self):
-        super().__init__(UEP_NAME_RE, 128)
-
-    def check(self, name, value):
-        super().check(name, value)
-        if ".." in value:
+        if self.no_dotdot and ".." in value:
             raise ProtocolError(f"{name}: contains '..'")
         return value
 
@@ -139,18 +119,13 @@ def _encode_value(value):
 REGISTRY = {}
 
 
-def message(type_name, *, request=False, **fields):
-    """Declare a message type: its wire name, whether it is a MAC'd request, its fields."""
-
-    def wrap(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        assert names == set(fields), (cls, names, set(fields))
-        cls.TYPE, cls.FIELDS, cls.REQUEST = type_name, fields, request
-        REGISTRY[type_name] = cls
-        return cls
-
-    return wrap
+def message(type_name, *, request=False, doc=None, **fields):
+    """Declare a frozen message class: its wire name, whether it is a MAC'd request, and
+    its fields with their validators (the exact key set on the wire)."""
+    cls = dataclasses.make_dataclass(type_name.title(), list(fields), frozen=True)
+    cls.TYPE, cls.FIELDS, cls.REQUEST, cls.__doc__ = type_name, fields, request, doc
+    REGISTRY[type_name] = cls
+    return cls
 
 
 def to_wire(msg) -> dict:
@@ -177,95 +152,21 @@ def from_wire(obj, envelope=()) -> object:
     return cls(**values)
 
 
-# -- session opening ---------------------------------------------------------------
-
-
-@message("challenge", version=Int(VERSION, VERSION), nonce=Str(HEX64_RE, 64))
-class Challenge:
-    version: int
-    nonce: str
-
-
-@message("hello", version=Int(VERSION, VERSION), mac=Str(HEX64_RE, 64))
-class Hello:
-    version: int
-    mac: str
-
-
-# -- requests: broker -> helper (each also carries seq and mac on the wire) ---------
-
-
-@message(
-    "spawn",
-    request=True,
-    req=Str(REQ_ID_RE, 64),
-    username=Username(),
-    uid=Int(0, (1 << 32) - 1),
-    name=UepName(),
-    env=Env(),
-    stdin=Base64(MAX_STDIN),
-    channels=Channels(),
-)
-class Spawn:
-    req: str
-    username: str
-    uid: int
-    name: str
-    env: types.MappingProxyType
-    stdin: bytes
-    channels: tuple
-
-
-@message("signal", request=True, req=Str(REQ_ID_RE, 64), pid=Int(1, MAX_PID), signal=Str(choices=SIGNALS))
-class Signal:
-    req: str
-    pid: int
-    signal: str
-
-
-@message("ping", request=True, req=Str(REQ_ID_RE, 64))
-class Ping:
-    req: str
-
-
-# -- replies and events: helper -> broker ------------------------------------------
-
-
-@message("spawned", req=Str(REQ_ID_RE, 64), pid=Int(1, MAX_PID), channels=Channels())
-class Spawned:
-    """The UEP has exec'd. The broker's ends of `channels` arrive with this frame as
-    SCM_RIGHTS, in CHANNELS order."""
-
-    req: str
-    pid: int
-    channels: tuple
-
-
-@message("refused", req=Str(REQ_ID_RE, 64), code=Str(CODE_RE, 32), reason=Str(None, MAX_REASON))
-class Refused:
-    req: str
-    code: str
-    reason: str
-
-
-@message("signaled", req=Str(REQ_ID_RE, 64), pid=Int(1, MAX_PID))
-class Signaled:
-    req: str
-    pid: int
-
-
-@message("exited", pid=Int(1, MAX_PID), status=Int(-64, 255))
-class Exited:
-    """`status` is the UEP's exit code, or minus the signal number that killed it."""
-
-    pid: int
-    status: int
-
-
-@message("pong", req=Str(REQ_ID_RE, 64))
-class Pong:
-    req: str
-
+REQ, PID = Str(REQ_ID_RE, 64), Int(1, MAX_PID)
+Challenge = message("challenge", version=Int(VERSION, VERSION), nonce=Str(HEX64_RE, 64))
+Hello = message("hello", version=Int(VERSION, VERSION), mac=Str(HEX64_RE, 64))
+# requests, broker -> helper; on the wire each also carries seq and mac
+Spawn = message("spawn", request=True, req=REQ, username=Str(USERNAME_RE, 32, no_dotdot=True), uid=Int(0, (1 << 32) - 1),
+                name=Str(UEP_NAME_RE, 128, no_dotdot=True), env=Env(), stdin=Base64(MAX_STDIN), channels=Channels())
+Signal = message("signal", request=True, req=REQ, pid=PID, signal=Str(choices=SIGNALS))
+Ping = message("ping", request=True, req=REQ)
+# replies and events, helper -> broker
+Spawned = message("spawned", req=REQ, pid=PID, channels=Channels(),
+                  doc="The UEP has exec'd; the broker's ends of `channels` come with this frame (SCM_RIGHTS, CHANNELS order).")
+Refused = message("refused", req=REQ, code=Str(CODE_RE, 32), reason=Str(None, MAX_REASON))
+Signaled = message("signaled", req=REQ, pid=PID)
+Exited = message("exited", pid=PID, status=Int(-64, 255), doc="`status`: the UEP's exit code, or minus the signal that killed it.")
+Pong = message("pong", req=REQ)
 
 REQUESTS = tuple(cls for cls in REGISTRY.values() if cls.REQUEST)
 HELPER_EVENTS = (Spawned, Refused, Signaled, Exited, Pong)

@@ -22,16 +22,12 @@ KEY_BYTES = 32
 MAX_SEQ = (1 << 63) - 1
 
 
-class _Sentinel:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
+class NEED_DATA:
+    """next_event(): no complete frame yet; feed more bytes."""
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
-CLOSED = _Sentinel("CLOSED")
+class CLOSED:
+    """next_event(): the peer closed the connection cleanly, at a frame boundary."""
 
 
 def hello_mac(key: bytes, nonce: bytes) -> str:
@@ -43,14 +39,11 @@ def request_mac(key: bytes, nonce: bytes, unsigned_body: bytes) -> str:
 
 
 class _Session:
-    def __init__(self, key: bytes, max_frame: int):
+    def __init__(self, key: bytes, max_frame: int, state: str):
         if type(key) is not bytes or len(key) != KEY_BYTES:
             raise ValueError(f"the session key must be exactly {KEY_BYTES} bytes")
-        self._key = key
-        self._max_frame = max_frame
-        self._reader = FrameReader(max_frame)
-        self._eof = False
-        self.state = None
+        self._key, self._max_frame, self._reader = key, max_frame, FrameReader(max_frame)
+        self._eof, self.state, self.next_seq = False, state, 1
 
     @property
     def partial(self) -> bool:
@@ -59,9 +52,7 @@ class _Session:
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; b"" means the peer closed its side."""
         self._guard()
-        if not data:
-            self._eof = True
-            return
+        self._eof = self._eof or not data
         try:
             self._reader.feed(data)
         except ProtocolError:
@@ -83,8 +74,8 @@ class _Session:
             self.state = "error"
             raise
 
-    def _frame(self, obj) -> bytes:
-        return encode_frame(canonical.dumps(obj), self._max_frame)
+    def _frame(self, msg, **envelope) -> bytes:
+        return encode_frame(canonical.dumps({**messages.to_wire(msg), **envelope}), self._max_frame)
 
     def _guard(self):
         if self.state in ("error", "closed"):
@@ -100,21 +91,19 @@ class HelperSession(_Session):
     """The helper's side: issues the challenge, authenticates every request."""
 
     def __init__(self, key: bytes, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
-        super().__init__(key, max_frame)
+        super().__init__(key, max_frame, "start")
         self.nonce = nonce if nonce is not None else secrets.token_bytes(32)
-        self.next_seq = 1
-        self.state = "start"
 
     def challenge(self) -> bytes:
         self._expect("start", "challenge")
         self.state = "await-hello"
-        return self._frame(messages.to_wire(messages.Challenge(messages.VERSION, self.nonce.hex())))
+        return self._frame(messages.Challenge(messages.VERSION, self.nonce.hex()))
 
     def send(self, event) -> bytes:
         self._guard()
         if self.state != "ready" or not isinstance(event, messages.HELPER_EVENTS):
             raise ProtocolError(f"cannot send {type(event).__name__} in state {self.state!r}")
-        return self._frame(messages.to_wire(event))
+        return self._frame(event)
 
     def _handle(self, obj):
         if type(obj) is not dict:
@@ -152,10 +141,8 @@ class BrokerSession(_Session):
     """The broker's side: answers the challenge, signs and numbers every request."""
 
     def __init__(self, key: bytes, max_frame: int = MAX_FRAME):
-        super().__init__(key, max_frame)
+        super().__init__(key, max_frame, "await-challenge")
         self.nonce = None
-        self.next_seq = 1
-        self.state = "await-challenge"
 
     @classmethod
     def resume(cls, key: bytes, nonce_hex: str, next_seq: int, max_frame: int = MAX_FRAME):
@@ -175,7 +162,7 @@ class BrokerSession(_Session):
     def hello(self) -> bytes:
         self._expect("challenged", "hello")
         self.state = "ready"
-        return self._frame(messages.to_wire(messages.Hello(messages.VERSION, hello_mac(self._key, self.nonce))))
+        return self._frame(messages.Hello(messages.VERSION, hello_mac(self._key, self.nonce)))
 
     def send(self, request) -> bytes:
         self._guard()
@@ -183,11 +170,9 @@ class BrokerSession(_Session):
             raise ProtocolError(f"cannot send {type(request).__name__} in state {self.state!r}")
         if self.next_seq > MAX_SEQ:
             raise ProtocolError("sequence numbers exhausted; reconnect")
-        obj = messages.to_wire(request)
-        obj["seq"] = self.next_seq
-        obj["mac"] = request_mac(self._key, self.nonce, canonical.dumps(obj))
-        self.next_seq += 1
-        return self._frame(obj)
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        mac = request_mac(self._key, self.nonce, canonical.dumps({**messages.to_wire(request), "seq": seq}))
+        return self._frame(request, seq=seq, mac=mac)
 
     def _handle(self, obj):
         msg = messages.from_wire(obj)

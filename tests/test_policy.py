@@ -79,14 +79,14 @@ def test_untrusted_uep_executable_stops_the_helper(rigdir, scratch, accounts, at
 @pytest.mark.parametrize("change,words", [
     ({"uep_argv": ["/usr/bin/true"]}, 'must contain the element "{name}" exactly once'),
     ({"uep_argv": ["/usr/bin/true", "{name}", "{name}"]}, 'exactly once'),
-    ({"min_uid": 0}, "min_uid must be at least 1"),
+    ({"min_uid": 0}, "min_uid must be in 1.."),
     ({"broker_user": "root"}, "broker_user must not be root"),
     ({"broker_user": "mept-nosuch"}, "does not exist"),
     ({"min_uidd": 1000}, "unknown key 'min_uidd'"),
     ({"min_uid": "1000"}, "min_uid must be a int"),
     ({"pam": {"enable": True}}, "unknown key 'enable'"),
     ({"uep_argv": None}, "required key 'uep_argv' is missing"),
-    ({"max_frame": 2_000_000}, "max_frame must be in"),
+    ({"max_frame": 2_000_000}, "max_frame must be in 1..1048576"),
 ])
 def test_policy_mistakes_stop_the_helper(rigdir, change, words):
     code, err = start(rigdir.policy(**change))
