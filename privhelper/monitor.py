@@ -56,7 +56,7 @@ class Monitor:
         self.by_fd: dict[int, SessionChild] = {}
         self.poller = select.poll()
         self.deadline = None
-        self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: self.do_ping}
+        self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: lambda msg: self.send(Pong(msg.req))}
 
     # -- the loop --------------------------------------------------------------
 
@@ -99,25 +99,14 @@ class Monitor:
         return True
 
     def read_conn(self) -> bool:
-        try:
-            data = self.conn.recv(65536)
-        except BlockingIOError:
-            return True
-        self.session.receive_data(data)
+        self.session.receive_data(self.conn.recv(65536))
         completed = False
-        while True:
-            event = self.session.next_event()
-            if event is NEED_DATA:
-                break
+        while (event := self.session.next_event()) is not NEED_DATA:
             if event is CLOSED:
                 return False
             completed = True
-            if isinstance(event, Hello):
-                continue  # the session already checked it; state is now "ready"
-            handler = self.handlers.get(type(event)) if self.session.state == "ready" else None
-            if handler is None:
-                raise Fatal(f"{type(event).__name__} not allowed in state {self.session.state}")
-            handler(event)
+            if not isinstance(event, Hello):  # the session checked the hello; it is "ready" now
+                self.handlers[type(event)](event)  # the session lets only requests through
         if self.session.state != "await-hello":  # the hello deadline stays as set at start
             if not self.session.partial:
                 self.deadline = None
@@ -127,21 +116,14 @@ class Monitor:
 
     def send(self, event, fds=()) -> None:
         data = self.session.send(event)
-        if fds:
-            sent = socket.send_fds(self.conn, [data], list(fds))
-            if sent < len(data):
-                self.conn.sendall(data[sent:])
-        else:
-            self.conn.sendall(data)
+        sent = socket.send_fds(self.conn, [data], list(fds)) if fds else 0
+        self.conn.sendall(data[sent:])
 
     def refuse(self, req, code, reason, who="-") -> None:
         log.warning("refused req=%s user=%s code=%s: %s", req, who, code, reason)
         self.send(Refused(req, code, reason))
 
     # -- requests --------------------------------------------------------------
-
-    def do_ping(self, msg: Ping) -> None:
-        self.send(Pong(msg.req))
 
     def do_signal(self, msg: Signal) -> None:
         target = next((c for c in self.children.values() if c.uep_pid == msg.pid and c.exit_code is None), None)
@@ -160,8 +142,7 @@ class Monitor:
         child_fds, broker_fds = self.make_channels(msg)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        pid = os.fork()
-        if pid == 0:  # the session process
+        if (pid := os.fork()) == 0:  # the session process
             signal.set_wakeup_fd(-1)
             child.reset_signals(unblock=False)  # session_process unblocks once its handlers are set
             for fd in [status_r, self.conn.fileno(), self.wake_r, *broker_fds, *self.by_fd]:
@@ -169,13 +150,9 @@ class Monitor:
             child.session_process(account=account, req=msg, policy=self.policy, child_fds=child_fds,
                                   status_w=status_w, helper_pid=os.getppid())
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(status_w)
-        for fd in child_fds.values():
+        for fd in [status_w, *child_fds.values()]:
             os.close(fd)
-        fcntl.fcntl(status_r, fcntl.F_SETFL, os.O_NONBLOCK)
-        record = SessionChild(pid, msg.req, account, status_r, broker_fds, msg.channels)
-        self.children[pid] = record
-        self.by_fd[status_r] = record
+        self.children[pid] = self.by_fd[status_r] = SessionChild(pid, msg.req, account, status_r, broker_fds, msg.channels)
         self.poller.register(status_r, select.POLLIN)
         log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
 
@@ -199,11 +176,8 @@ class Monitor:
     # -- session processes -----------------------------------------------------
 
     def read_status(self, rec: SessionChild) -> None:
-        try:
-            data = os.read(rec.status_fd, 4096)
-        except BlockingIOError:
-            return
-        if not data:
+        """The session process writes whole short lines (atomic on a pipe); read them."""
+        if not (data := os.read(rec.status_fd, 4096)):
             self.poller.unregister(rec.status_fd)
             del self.by_fd[rec.status_fd]
             os.close(rec.status_fd)
@@ -237,39 +211,31 @@ class Monitor:
         rec.broker_fds = []
 
     def read_signals(self) -> None:
-        try:
-            signums = os.read(self.wake_r, 256)
-        except BlockingIOError:
-            return
+        signums = os.read(self.wake_r, 256)
         if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) for s in signums):
             raise Fatal("stop signal received")
         if signal.SIGCHLD in signums:
             self.reap()
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
+        while self.children or self.broker_pid:
+            pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
             if pid == self.broker_pid:
                 log.info("broker process %d exited (%s)", pid, _describe(status))
                 self.broker_pid = None
                 continue
-            rec = self.children.pop(pid, None)
-            if rec is not None:
+            if rec := self.children.pop(pid, None):
                 self.finish(rec, status)
 
     def finish(self, rec: SessionChild, status: int) -> None:
         while rec.status_fd is not None:  # the writer is gone: drain to EOF
-            fcntl.fcntl(rec.status_fd, fcntl.F_SETFL, 0)
             self.read_status(rec)
         if not rec.answered:
             self._close_broker_fds(rec)
-            rec.answered = True
-            self.refuse(rec.req, "internal", f"the session process ended before the UEP started ({_describe(status)}); see the helper log", rec.account.name)
+            self.refuse(rec.req, "internal", f"the session process ended before the UEP started ({_describe(status)}); "
+                        "see the helper log", rec.account.name)
         elif rec.uep_pid is not None:
             code = rec.exit_code if rec.exit_code is not None else -signal.SIGKILL
             log.info("exited user=%s pid=%d status=%d", rec.account.name, rec.uep_pid, code)
