@@ -13,15 +13,12 @@ import os
 import socket
 import sys
 
-EX_USAGE, EX_CONFIG, EX_NOPERM, EX_SOFTWARE = 64, 78, 77, 70
+EX_USAGE, EX_CONFIG, EX_NOPERM = 64, 78, 77
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="mep-privhelper",
-        description="The root privilege helper of the multi-user compute endpoint. It serves one "
-        "authenticated broker connection and exits when that connection ends.",
-    )
+    parser = argparse.ArgumentParser(prog="mep-privhelper", description="The root privilege helper of the multi-user "
+                                     "compute endpoint. It serves one authenticated broker connection and exits when it ends.")
     parser.add_argument("--policy", required=True, help="root-owned TOML policy file (see docs/policy.md)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--launch", action="store_true", help="start the broker (policy broker_argv) as the broker account and serve it")
@@ -46,11 +43,8 @@ def main(argv=None) -> int:
     if not (sys.flags.isolated and sys.flags.no_site):
         os.execv(sys.executable, isolated_argv(sys.executable, code_dir, argv))
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="mep-privhelper[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="mep-privhelper[%(process)d] %(levelname)s %(message)s")
     log = logging.getLogger("mep-privhelper")
     if os.geteuid() != 0:
         log.error("must run as root (euid is %d)", os.geteuid())

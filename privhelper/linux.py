@@ -12,26 +12,26 @@ import os
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 PR_SET_PDEATHSIG = 1
-PR_GET_PDEATHSIG = 2
 PR_SET_KEEPCAPS = 8
-PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
 
 
-def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    result = _prctl(option, arg2, arg3, arg4, arg5)
+def _check(result: int, what: str) -> int:
     if result < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
     return result
+
+
+def prctl(option: int, arg2: int = 0) -> int:
+    return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option}, {arg2})")
 
 
 class _CapHeader(ctypes.Structure):
@@ -43,18 +43,13 @@ class _CapData(ctypes.Structure):
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_capset = _libc.capset
-_capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData * 2)]
-_capset.restype = ctypes.c_int
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData * 2)]
+_libc.capset.restype = ctypes.c_int
 
 
 def clear_capabilities() -> None:
     """Empty the effective, permitted and inheritable sets of this process."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _capset(ctypes.byref(header), ctypes.byref(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    _check(_libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), ctypes.byref((_CapData * 2)())), "capset")
 
 
 def last_cap() -> int:

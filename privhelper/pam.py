@@ -31,13 +31,8 @@ class _Response(ctypes.Structure):
     _fields_ = [("resp", ctypes.c_char_p), ("resp_retcode", ctypes.c_int)]
 
 
-_CONV_FUNC = ctypes.CFUNCTYPE(
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.POINTER(ctypes.POINTER(_Message)),
-    ctypes.POINTER(ctypes.POINTER(_Response)),
-    ctypes.c_void_p,
-)
+_CONV_FUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.POINTER(_Message)),
+                              ctypes.POINTER(ctypes.POINTER(_Response)), ctypes.c_void_p)
 
 
 class _Conv(ctypes.Structure):
@@ -67,13 +62,10 @@ class PamSession:
     def __init__(self, service: str, user: str):
         self.messages = []
         self._conv = _Conv(_CONV_FUNC(self._converse), None)  # kept referenced: PAM calls it later
-        self._handle = _pam_handle_p()
-        self._last = PAM_SUCCESS
+        self._handle, self._last, self.session_open, self.cred_set = _pam_handle_p(), PAM_SUCCESS, False, False
         rc = _libpam.pam_start(service.encode(), user.encode(), ctypes.byref(self._conv), ctypes.byref(self._handle))
         if rc != PAM_SUCCESS:
             raise PamError("pam_start", f"error {rc}")
-        self.session_open = False
-        self.cred_set = False
 
     def _converse(self, num_msg, msgs, resp, _appdata):
         for i in range(num_msg):
@@ -89,8 +81,7 @@ class PamSession:
         return PAM_SUCCESS
 
     def _call(self, step: str, flags: int = 0) -> None:
-        rc = getattr(_libpam, step)(self._handle, flags)
-        self._last = rc
+        self._last = rc = getattr(_libpam, step)(self._handle, flags)
         if rc != PAM_SUCCESS:
             text = _libpam.pam_strerror(self._handle, rc).decode("utf-8", "replace")
             said = f" (module said: {'; '.join(self.messages)})" if self.messages else ""
@@ -105,19 +96,16 @@ class PamSession:
         self.session_open = True
 
     def environment(self) -> dict:
-        env = {}
-        lst = _libpam.pam_getenvlist(self._handle)
-        if not lst:
-            return env
-        i = 0
-        while lst[i]:
-            item = ctypes.string_at(lst[i]).decode("utf-8", "replace")
-            name, sep, value = item.partition("=")
+        """pam_getenvlist(): the variables PAM modules set (pam_env, pam_systemd...)."""
+        env, lst, i = {}, _libpam.pam_getenvlist(self._handle), 0
+        while lst and lst[i]:
+            name, sep, value = ctypes.string_at(lst[i]).decode("utf-8", "replace").partition("=")
             if sep:
                 env[name] = value
             _libc.free(lst[i])
             i += 1
-        _libc.free(ctypes.cast(lst, ctypes.c_void_p))
+        if lst:
+            _libc.free(ctypes.cast(lst, ctypes.c_void_p))
         return env
 
     def close(self) -> None:

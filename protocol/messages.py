@@ -32,12 +32,7 @@ CHANNELS = ("cred", "audit")  # fixed order: also the order of fds sent with `sp
 MAX_PID = 1 << 22  # Linux pid_max ceiling
 
 
-class _Field:
-    def check(self, name, value):
-        raise NotImplementedError
-
-
-class Int(_Field):
+class Int:
     def __init__(self, lo, hi):
         self.lo, self.hi = lo, hi
 
@@ -49,49 +44,41 @@ class Int(_Field):
         return value
 
 
-class Str(_Field):
+class Str:
     def __init__(self, regex=None, max_len=256, choices=None, no_dotdot=False):
         self.regex, self.max_len, self.choices, self.no_dotdot = regex, max_len, choices, no_dotdot
 
     def check(self, name, value):
         if type(value) is not str:
             raise ProtocolError(f"{name}: expected a string, got {type(value).__name__}")
-        if len(value) > self.max_len:
-            raise ProtocolError(f"{name}: longer than {self.max_len} characters")
-        if "\x00" in value:
-            raise ProtocolError(f"{name}: contains NUL")
-        if self.regex is not None and not self.regex.fullmatch(value):
-            raise ProtocolError(f"{name}: {value[:80]!r} does not match {self.regex.pattern}")
-        if self.choices is not None and value not in self.choices:
-            raise ProtocolError(f"{name}: {value[:80]!r} is not one of {sorted(self.choices)}")
-        if self.no_dotdot and ".." in value:
-            raise ProtocolError(f"{name}: contains '..'")
+        problem = (f"longer than {self.max_len} characters" if len(value) > self.max_len else
+                   "contains NUL" if "\x00" in value else
+                   f"{value[:80]!r} does not match {self.regex.pattern}" if self.regex and not self.regex.fullmatch(value) else
+                   f"{value[:80]!r} is not one of {sorted(self.choices)}" if self.choices and value not in self.choices else
+                   "contains '..'" if self.no_dotdot and ".." in value else None)
+        if problem:
+            raise ProtocolError(f"{name}: {problem}")
         return value
 
 
-class Env(_Field):
+class Env:
     def check(self, name, value):
-        if type(value) is not dict:
-            raise ProtocolError(f"{name}: expected an object")
-        if len(value) > MAX_ENV_VARS:
-            raise ProtocolError(f"{name}: more than {MAX_ENV_VARS} variables")
-        key_field, val_field = Str(ENV_NAME_RE, 64), Str(None, MAX_ENV_VALUE)
+        if type(value) is not dict or len(value) > MAX_ENV_VARS:
+            raise ProtocolError(f"{name}: expected an object of at most {MAX_ENV_VARS} variables")
         for k, v in value.items():
-            key_field.check(f"{name} key", k)
-            val_field.check(f"{name}[{k}]", v)
+            Str(ENV_NAME_RE, 64).check(f"{name} key", k)
+            Str(None, MAX_ENV_VALUE).check(f"{name}[{k}]", v)
         return types.MappingProxyType(dict(value))
 
 
-class Channels(_Field):
+class Channels:
     def check(self, name, value):
-        if type(value) is not list:
-            raise ProtocolError(f"{name}: expected a list")
-        if value != [c for c in CHANNELS if c in value] or len(set(value)) != len(value):
+        if type(value) is not list or value != [c for c in CHANNELS if c in value] or len(set(value)) != len(value):
             raise ProtocolError(f"{name}: must be a sorted, duplicate-free subset of {list(CHANNELS)}")
         return tuple(value)
 
 
-class Base64(_Field):
+class Base64:
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
 

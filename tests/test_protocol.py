@@ -90,7 +90,7 @@ def spawn_body(**change):
     ({"name": "a/b"}, "does not match"),
     ({"name": "x\x00"}, "NUL"),
     ({"env": {"LD PRELOAD": "x"}}, "does not match"),
-    ({"env": {f"V{i}": "" for i in range(65)}}, "more than 64"),
+    ({"env": {f"V{i}": "" for i in range(65)}}, "at most 64"),
     ({"env": {"A": "x" * 4097}}, "longer than"),
     ({"stdin": "not base64!"}, "not valid base64"),
     ({"stdin": "QQ"}, "not valid base64"),
