@@ -10,7 +10,6 @@ Always runs as `python3 -I -S`; started any other way it re-executes itself so.
 import argparse
 import logging
 import os
-import socket
 import sys
 
 EX_USAGE, EX_CONFIG, EX_NOPERM = 64, 78, 77
@@ -68,9 +67,7 @@ def main(argv=None) -> int:
         elif args.socket_activated:
             conn = activation.inherited_connection(policy.broker_uid)
         else:
-            conn = socket.socket(fileno=args.fd)
-            if conn.family != socket.AF_UNIX or conn.type != socket.SOCK_STREAM:
-                raise activation.ActivationError(f"fd {args.fd} is not a unix stream socket")
+            conn = activation.unix_stream(args.fd)
     except (activation.ActivationError, launch.LaunchError, OSError) as e:
         log.error("refusing to serve: %s", e)
         return EX_USAGE

@@ -13,9 +13,9 @@ class ActivationError(Exception):
     pass
 
 
-def peer_uid(sock: socket.socket) -> tuple:
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid, gid
+def peer_cred(sock: socket.socket) -> tuple:
+    """(pid, uid, gid) of the connecting process, from the kernel."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 def inherited_connection(broker_uid: int) -> socket.socket:
@@ -26,20 +26,24 @@ def inherited_connection(broker_uid: int) -> socket.socket:
         raise ActivationError(f"LISTEN_PID={listen_pid!r} does not name this process ({os.getpid()}); not socket-activated for us")
     if listen_fds != "1":
         raise ActivationError(f"LISTEN_FDS={listen_fds!r}: expected exactly 1 (the unit needs Accept=yes)")
-    fd = SD_LISTEN_FDS_START
+    sock = unix_stream(SD_LISTEN_FDS_START)
+    pid, uid, _ = peer_cred(sock)
+    if uid != broker_uid:
+        sock.close()
+        raise ActivationError(f"peer pid {pid} has uid {uid}, not the broker uid {broker_uid}; refused before reading")
+    return sock
+
+
+def unix_stream(fd: int) -> socket.socket:
+    """The connected unix stream socket at `fd`, or ActivationError saying what it is."""
     try:
-        mode = os.fstat(fd).st_mode
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ActivationError(f"fd {fd} is not a socket")
     except OSError as e:
         raise ActivationError(f"fd {fd}: {e.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise ActivationError(f"fd {fd} is not a socket")
     sock = socket.socket(fileno=fd)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         raise ActivationError(f"fd {fd} is {sock.family.name}/{sock.type.name}, expected a unix stream socket")
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise ActivationError(f"fd {fd} is a listening socket; the unit needs Accept=yes")
-    pid, uid, _ = peer_uid(sock)
-    if uid != broker_uid:
-        sock.close()
-        raise ActivationError(f"peer pid {pid} has uid {uid}, not the broker uid {broker_uid}; refused before reading")
     return sock

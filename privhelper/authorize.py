@@ -46,23 +46,13 @@ def authorize(req, policy, total_children: int, children_of) -> Account:
         raise Refusal("uid-below-min", f"uid {uid} of {req.username!r} is a system account (policy min_uid={policy.min_uid})")
     if uid in NOBODY_UIDS or uid > policy.max_uid:
         raise Refusal("uid-reserved", f"uid {uid} of {req.username!r} is reserved (nobody/overflow, or above policy max_uid={policy.max_uid})")
-    try:
-        back = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        back = None
-    if back != req.username:
+    if (back := _name_of(uid)) != req.username:
         raise Refusal("no-round-trip", f"uid {uid} maps back to {back!r}, not {req.username!r}")
     if req.username in policy.deny_users:
         raise Refusal("denied-user", f"{req.username!r} is listed in policy deny_users")
     groups = tuple(sorted(set(os.getgrouplist(req.username, pw.pw_gid))))
-    names = set()
-    for gid in groups:
-        try:
-            names.add(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            pass
-    denied = sorted(names & policy.deny_groups)
-    if denied:
+    names = {_group_name(gid) for gid in groups}
+    if denied := sorted(names & policy.deny_groups):
         raise Refusal("denied-group", f"{req.username!r} is in group {denied[0]!r}, listed in policy deny_groups")
     if policy.allow_users or policy.allow_groups:
         if req.username not in policy.allow_users and not names & policy.allow_groups:
@@ -70,8 +60,21 @@ def authorize(req, policy, total_children: int, children_of) -> Account:
     for name in req.env:
         if policy.env_denied(name) or name in FIXED_ENV:
             raise Refusal("env-denied", f"environment variable {name!r} may not be set for a UEP (helper env deny-list)")
-    running = children_of(uid)
-    if running >= policy.max_children_per_user:
+    if (running := children_of(uid)) >= policy.max_children_per_user:
         raise Refusal("limit-user", f"{req.username!r} has {running} UEPs running, the limit is {policy.max_children_per_user} (policy max_children_per_user)")
     return Account(req.username, uid, pw.pw_gid, pw.pw_dir, pw.pw_shell, groups)
 
+
+
+def _name_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None

@@ -25,21 +25,17 @@ def start_broker(policy) -> tuple:
     account = Account(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell,
                       tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, "SHELL": account.shell,
-           "PATH": policy.path_env, "LANG": policy.lang, "MEP_HELPER_FD": str(BROKER_FD)}
-    if "TERM" in os.environ:
-        env["TERM"] = os.environ["TERM"]
+    extra = {"MEP_HELPER_FD": str(BROKER_FD), **{k: os.environ[k] for k in ("TERM",) if k in os.environ}}
+    env = child.build_env(account, policy, {}, extra)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     me = os.getpid()
-    pid = os.fork()
-    if pid == 0:
+    if (pid := os.fork()) == 0:
         devnull = os.open("/dev/null", os.O_RDONLY)
         child.exec_child(account=account, argv=policy.broker_argv, env=env, err_w=err_w, no_new_privs=True,
                          plan={0: devnull, 1: 1, 2: 2, BROKER_FD: theirs.fileno()}, parent_pid=me)
     theirs.close()
     os.close(err_w)
-    failure = child.read_all(err_r)
-    if failure:
+    if failure := child.read_all(err_r):
         os.waitpid(pid, 0)
         raise LaunchError(f"cannot start the broker as {account.name}: {failure.decode('utf-8', 'replace')}")
     return ours, pid
