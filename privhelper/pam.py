@@ -109,7 +109,7 @@ class PamSession:
         return env
 
     def close(self) -> None:
-        """Close what was opened, in reverse; always ends the transaction."""
+        """Close what was opened, in reverse; always end the transaction. Raises the first error."""
         try:
             if self.session_open:
                 self.session_open = False

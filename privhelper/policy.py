@@ -72,25 +72,26 @@ _REQUIRED = ("broker_user", "key_file", "uep_argv")
 
 
 def check_trusted_path(path: str, what: str, *, want_file: bool = True) -> None:
-    """`path` and every directory above it must be root-owned and not group/world-writable."""
+    """`path`, what it resolves to, and every directory above either must be root-owned and
+    not writable by group or others: else a non-root user could swap what root reads or runs."""
     if not os.path.isabs(path):
         raise PolicyError(f"{what} {path!r} is not an absolute path")
     real = os.path.realpath(path)
-    current = real
-    while True:
-        try:
-            st = os.lstat(current)
-        except OSError as e:
-            raise PolicyError(f"{what} {path!r}: cannot stat {current}: {e.strerror}") from None
-        if st.st_uid != 0:
-            raise PolicyError(f"{what} {path!r}: {current} is owned by uid {st.st_uid}, not root")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise PolicyError(f"{what} {path!r}: {current} is writable by group or others (mode {stat.filemode(st.st_mode)})")
-        if current == real and want_file and not stat.S_ISREG(st.st_mode):
-            raise PolicyError(f"{what} {path!r} is not a regular file")
-        if current == "/":
-            return
-        current = os.path.dirname(current)
+    for current in dict.fromkeys((os.path.normpath(path), real)):  # the symlink's own directories too
+        while True:
+            try:
+                st = os.lstat(current)
+            except OSError as e:
+                raise PolicyError(f"{what} {path!r}: cannot stat {current}: {e.strerror}") from None
+            if not stat.S_ISLNK(st.st_mode) and st.st_uid != 0:  # a link's own owner and mode mean nothing
+                raise PolicyError(f"{what} {path!r}: {current} is owned by uid {st.st_uid}, not root")
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise PolicyError(f"{what} {path!r}: {current} is writable by group or others (mode {stat.filemode(st.st_mode)})")
+            if current == real and want_file and not stat.S_ISREG(st.st_mode):
+                raise PolicyError(f"{what} {path!r} is not a regular file")
+            if current == "/":
+                break
+            current = os.path.dirname(current)
 
 
 def _typed(table: dict, spec: dict, where: str) -> dict:

@@ -155,5 +155,4 @@ Signaled = message("signaled", req=REQ, pid=PID)
 Exited = message("exited", pid=PID, status=Int(-64, 255), doc="`status`: the UEP's exit code, or minus the signal that killed it.")
 Pong = message("pong", req=REQ)
 
-REQUESTS = tuple(cls for cls in REGISTRY.values() if cls.REQUEST)
 HELPER_EVENTS = (Spawned, Refused, Signaled, Exited, Pong)

@@ -19,7 +19,6 @@ from protocol.errors import ProtocolError
 from protocol.framing import MAX_FRAME, FrameReader, encode_frame
 
 KEY_BYTES = 32
-MAX_SEQ = (1 << 63) - 1
 
 
 class NEED_DATA:
@@ -168,8 +167,6 @@ class BrokerSession(_Session):
         self._guard()
         if self.state != "ready" or not getattr(request, "REQUEST", False):
             raise ProtocolError(f"cannot send {type(request).__name__} in state {self.state!r}")
-        if self.next_seq > MAX_SEQ:
-            raise ProtocolError("sequence numbers exhausted; reconnect")
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         mac = request_mac(self._key, self.nonce, canonical.dumps({**messages.to_wire(request), "seq": seq}))
         return self._frame(request, seq=seq, mac=mac)

@@ -41,6 +41,7 @@ fi
 # root-owned, read-only tree under the venv, whatever directory this checkout is in,
 # and the broker and UEP accounts can read it.
 say "installing the project into $VENV"
+rm -rf build  # a stale build/lib would install modules that no longer exist
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-script-location ".[test]"
 # setuptools' distutils-precedence.pth would import _distutils_hack into every
 # interpreter of this venv, the root helper's included: keep it out.

@@ -51,7 +51,8 @@ def test_untrusted_policy_file_stops_the_helper(rigdir, scratch, accounts, attac
     assert ("owned by uid" in err) if "owner" in attack else ("writable by group or others" in err)
 
 
-@pytest.mark.parametrize("attack", ["exe-owner", "exe-writable", "exe-dir-writable", "relative", "symlink-to-user-file"])
+@pytest.mark.parametrize("attack", ["exe-owner", "exe-writable", "exe-dir-writable", "relative", "symlink-to-user-file",
+                                    "symlink-in-user-dir"])
 def test_untrusted_uep_executable_stops_the_helper(rigdir, scratch, accounts, attack):
     exe = scratch / "uep"
     shutil.copyfile(rigdir.probe, exe)
@@ -65,6 +66,11 @@ def test_untrusted_uep_executable_stops_the_helper(rigdir, scratch, accounts, at
         os.chmod(scratch, 0o1777)  # even sticky /tmp-style directories are refused
     elif attack == "relative":
         argv0 = "uep"
+    elif attack == "symlink-in-user-dir":  # the target is fine, but alice could re-point the link
+        link = os.path.join(accounts.alice.pw_dir, "uep-link")
+        os.symlink(exe, link)
+        os.lchown(link, accounts.alice.pw_uid, accounts.alice.pw_gid)
+        argv0 = link
     else:
         home_file = os.path.join(accounts.alice.pw_dir, "evil")
         shutil.copyfile(rigdir.probe, home_file)
