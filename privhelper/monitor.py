@@ -162,11 +162,11 @@ class Monitor:
         stdin = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.write(stdin, msg.stdin)
         fcntl.fcntl(stdin, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        child_fds, broker_fds = {"stdin": _reopen_read_only(stdin)}, []
+        child_fds, broker_fds = {"stdin": _child_end(stdin)}, []
         os.close(stdin)
         if "cred" in msg.channels:
             cred = os.memfd_create("mep-cred", os.MFD_CLOEXEC)
-            child_fds["cred"] = _reopen_read_only(cred)
+            child_fds["cred"] = _child_end(cred)
             broker_fds.append(cred)
         if "audit" in msg.channels:
             audit_r, child_fds["audit"] = os.pipe2(os.O_CLOEXEC)
@@ -276,8 +276,11 @@ def _kill(pid: int | None, sig: int) -> None:
             pass
 
 
-def _reopen_read_only(fd: int) -> int:
-    """A second, read-only open file description: the UEP cannot write through it."""
+def _child_end(fd: int) -> int:
+    """A second, read-only open file description of the memfd `fd`, for the UEP. Mode 0400
+    on the root-owned inode stops the UEP from reopening it through /proc/self/fd for
+    writing; the broker keeps writing through `fd`, which was opened read-write."""
+    os.fchmod(fd, 0o400)
     return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 

@@ -48,6 +48,13 @@ def report() -> dict:
         setuid0 = "succeeded"
     except PermissionError as e:
         setuid0 = f"failed: {e.strerror}"
+    reopen = {}
+    for fd in (0, 3):  # the memfds: can this process get a writable handle on them?
+        try:
+            os.close(os.open(f"/proc/self/fd/{fd}", os.O_WRONLY))
+            reopen[fd] = "opened for writing"
+        except OSError as e:
+            reopen[fd] = e.strerror
     with open("/proc/self/limits") as f:
         nofile = next(line.split()[3] for line in f if line.startswith("Max open files"))
     return {
@@ -56,7 +63,7 @@ def report() -> dict:
         "caps": {k: st[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
         "no_new_privs": int(st["NoNewPrivs"]), "setuid0": setuid0, "umask": umask,
         "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv, "fds": fds,
-        "nofile_soft": nofile, "started_ns": start,
+        "nofile_soft": nofile, "started_ns": start, "reopen_write": reopen,
     }
 
 

@@ -65,7 +65,8 @@ def test_stdin_payload_and_credential_refresh(helpers, accounts):
     os.pwrite(reply.fds["cred"], b'{"token": "fresh"}', 0)
     again = rig.read_report(reply.fds["audit"])
     assert again["cred"] == '{"token": "fresh"}'
-    # the UEP got read-only ends: it cannot write either memfd through /proc
+    # the UEP got read-only ends and cannot reopen either memfd for writing through /proc
+    assert seen["reopen_write"] == {"0": "Permission denied", "3": "Permission denied"}
     assert client.wait_exited(reply.pid).status == 0
 
 
