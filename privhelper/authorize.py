@@ -65,7 +65,6 @@ def authorize(req, policy, total_children: int, children_of) -> Account:
     return Account(req.username, uid, pw.pw_gid, pw.pw_dir, pw.pw_shell, groups)
 
 
-
 def _name_of(uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name

@@ -25,7 +25,9 @@ def start_broker(policy) -> tuple:
     account = Account(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell,
                       tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    extra = {"MEP_HELPER_FD": str(BROKER_FD), **{k: os.environ[k] for k in ("TERM",) if k in os.environ}}
+    extra = {"MEP_HELPER_FD": str(BROKER_FD)}
+    if "TERM" in os.environ:  # for the broker's foreground timer line on a TTY
+        extra["TERM"] = os.environ["TERM"]
     env = child.build_env(account, policy, {}, extra)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     me = os.getpid()

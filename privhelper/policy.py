@@ -148,10 +148,13 @@ def load_policy(path: str) -> Policy:
     if not uep_argv:
         raise PolicyError(f"{path}: uep_argv must not be empty")
     ints = {k: raw[k] for k in _INTS if k in raw}
-    for key, low, high in (("min_uid", 1, None), ("max_frame", 1, 1 << 20), ("max_children", 1, None),
-                           ("max_children_per_user", 1, None), ("stop_grace_seconds", 1, None), ("io_timeout_seconds", 1, None)):
-        if key in ints and not low <= ints[key] <= (high or ints[key]):
-            raise PolicyError(f"{path}: {key} must be in {low}..{high or ''}" + (" (uid 0 is never spawned)" if key == "min_uid" else ""))
+    if ints.get("min_uid", 1000) < 1:
+        raise PolicyError(f"{path}: min_uid must be at least 1 (uid 0 is never spawned)")
+    if not 1 <= ints.get("max_frame", 1 << 20) <= 1 << 20:
+        raise PolicyError(f"{path}: max_frame must be in 1..1048576")
+    for key in ("max_children", "max_children_per_user", "stop_grace_seconds", "io_timeout_seconds"):
+        if ints.get(key, 1) < 1:
+            raise PolicyError(f"{path}: {key} must be at least 1")
     lists = {k: frozenset(_str_list(raw, k, path)) for k in ("deny_users", "deny_groups", "allow_users", "allow_groups")}
     return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid, broker_gid=broker.pw_gid,
                   key_file=raw["key_file"], uep_argv=uep_argv, broker_argv=_argv(raw, "broker_argv", path, placeholder=False),

@@ -85,7 +85,7 @@ def test_untrusted_uep_executable_stops_the_helper(rigdir, scratch, accounts, at
 @pytest.mark.parametrize("change,words", [
     ({"uep_argv": ["/usr/bin/true"]}, 'must contain the element "{name}" exactly once'),
     ({"uep_argv": ["/usr/bin/true", "{name}", "{name}"]}, 'exactly once'),
-    ({"min_uid": 0}, "min_uid must be in 1.."),
+    ({"min_uid": 0}, "min_uid must be at least 1 (uid 0 is never spawned)"),
     ({"broker_user": "root"}, "broker_user must not be root"),
     ({"broker_user": "mept-nosuch"}, "does not exist"),
     ({"min_uidd": 1000}, "unknown key 'min_uidd'"),

@@ -29,7 +29,7 @@ def test_policy_cannot_allow_uid_zero(rigdir, sh):
     policy = rigdir.policy(min_uid=0)
     out = sh(*rig.helper_cmd(policy, "--fd", "0"))
     assert out.returncode == 78
-    assert "min_uid must be in 1.. (uid 0 is never spawned)" in out.stderr
+    assert "min_uid must be at least 1 (uid 0 is never spawned)" in out.stderr
 
 
 def test_system_account_below_min_uid(helpers, accounts):
