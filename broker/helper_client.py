@@ -1,6 +1,6 @@
 """The broker's side of the helper connection, for asyncio.
 
-Drives protocol.BrokerSession over the inherited socket: answers the challenge, signs
+Drives broker.session.BrokerSession over the inherited socket: answers the challenge, signs
 requests, matches replies to requests by id, and hands `exited` events to a callback.
 File descriptors that arrive with `spawned` (SCM_RIGHTS) are queued in arrival order and
 given to the reply they came with.
@@ -15,7 +15,8 @@ import os
 import socket
 from typing import Callable
 
-from protocol import CLOSED, NEED_DATA, BrokerSession, ProtocolError
+from broker.session import BrokerSession
+from protocol import CLOSED, NEED_DATA, ProtocolError
 from protocol.messages import CHANNELS, Challenge, Exited, Ping, Refused, Signal, Spawn, Spawned
 
 MAX_FDS_PER_READ = 16

@@ -1,4 +1,5 @@
-"""The session state machines, one per side, I/O-free.
+"""The helper's session state machine and the base both sides share, I/O-free. The
+broker's machine (broker/session.py) never runs as root, so it is not in this package.
 
     helper:  start --challenge()--> await-hello --Hello--> ready --requests...
     broker:  await-challenge --Challenge--> challenged --hello()--> ready --send()...
@@ -37,7 +38,9 @@ def request_mac(key: bytes, nonce: bytes, unsigned_body: bytes) -> str:
     return hmac.new(key, b"mep-req\0" + nonce + unsigned_body, hashlib.sha256).hexdigest()
 
 
-class _Session:
+class Session:
+    """Framing, the end-of-stream rule and the error latch, for either side."""
+
     def __init__(self, key: bytes, max_frame: int, state: str):
         if type(key) is not bytes or len(key) != KEY_BYTES:
             raise ValueError(f"the session key must be exactly {KEY_BYTES} bytes")
@@ -86,7 +89,7 @@ class _Session:
             raise ProtocolError(f"{action} is not allowed in state {current!r}")
 
 
-class HelperSession(_Session):
+class HelperSession(Session):
     """The helper's side: issues the challenge, authenticates every request."""
 
     def __init__(self, key: bytes, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
@@ -134,51 +137,3 @@ class HelperSession(_Session):
         request = messages.from_wire(obj, envelope=("seq", "mac"))
         self.next_seq += 1
         return request
-
-
-class BrokerSession(_Session):
-    """The broker's side: answers the challenge, signs and numbers every request."""
-
-    def __init__(self, key: bytes, max_frame: int = MAX_FRAME):
-        super().__init__(key, max_frame, "await-challenge")
-        self.nonce = None
-
-    @classmethod
-    def resume(cls, key: bytes, nonce_hex: str, next_seq: int, max_frame: int = MAX_FRAME):
-        """Continue an authenticated session in a re-exec'd broker (see `export`)."""
-        self = cls(key, max_frame)
-        self.nonce, self.next_seq, self.state = bytes.fromhex(nonce_hex), next_seq, "ready"
-        return self
-
-    def export(self) -> dict:
-        """What a new broker image needs to go on with this connection. Only valid at a
-        frame boundary: the caller must not have unread or half-sent frames."""
-        self._expect("ready", "export")
-        if self._reader.partial:
-            raise ProtocolError("cannot export with a partial frame buffered")
-        return {"nonce": self.nonce.hex(), "next_seq": self.next_seq}
-
-    def hello(self) -> bytes:
-        self._expect("challenged", "hello")
-        self.state = "ready"
-        return self._frame(messages.Hello(messages.VERSION, hello_mac(self._key, self.nonce)))
-
-    def send(self, request) -> bytes:
-        self._guard()
-        if self.state != "ready" or not getattr(request, "REQUEST", False):
-            raise ProtocolError(f"cannot send {type(request).__name__} in state {self.state!r}")
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        mac = request_mac(self._key, self.nonce, canonical.dumps({**messages.to_wire(request), "seq": seq}))
-        return self._frame(request, seq=seq, mac=mac)
-
-    def _handle(self, obj):
-        msg = messages.from_wire(obj)
-        if self.state == "await-challenge":
-            if not isinstance(msg, messages.Challenge):
-                raise ProtocolError(f"expected challenge, got {msg.TYPE}")
-            self.nonce = bytes.fromhex(msg.nonce)
-            self.state = "challenged"
-            return msg
-        if self.state != "ready" or not isinstance(msg, messages.HELPER_EVENTS):
-            raise ProtocolError(f"unexpected {msg.TYPE} in state {self.state!r}")
-        return msg

@@ -21,7 +21,8 @@ import time
 import types
 from pathlib import Path
 
-from protocol import CLOSED, NEED_DATA, BrokerSession, canonical, encode_frame
+from broker.session import BrokerSession
+from protocol import CLOSED, NEED_DATA, canonical, encode_frame
 from protocol.session import request_mac
 from protocol.messages import Challenge, Spawn
 
@@ -207,7 +208,7 @@ class Helper:
 
 
 class Client:
-    """A synchronous broker: the protocol's BrokerSession over a blocking socket."""
+    """A synchronous broker: broker.session.BrokerSession over a blocking socket."""
 
     def __init__(self, sock: socket.socket, key: bytes, timeout=10):
         self.sock = sock

@@ -232,7 +232,8 @@ def test_socket_activation_environment_is_checked(rigdir, case, words):
 BROKER_SCRIPT = """
 import socket, sys
 sys.path.insert(0, sys.argv[1])
-from protocol import BrokerSession, NEED_DATA
+from broker.session import BrokerSession
+from protocol import NEED_DATA
 from protocol.messages import Ping
 key = open(sys.argv[2], "rb").read()
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(sys.argv[3]); s.settimeout(10)

@@ -6,7 +6,8 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from protocol import NEED_DATA, BrokerSession, FrameReader, HelperSession, ProtocolError, canonical, encode_frame
+from broker.session import BrokerSession
+from protocol import NEED_DATA, FrameReader, HelperSession, ProtocolError, canonical, encode_frame
 from protocol.messages import Exited, Ping, Refused, Signal, Spawn, Spawned, from_wire, to_wire
 
 KEY = bytes(range(32))
