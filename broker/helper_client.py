@@ -67,8 +67,7 @@ class HelperClient:
 
     async def spawn(self, username: str, uid: int, name: str, env: dict | None = None,
                     stdin: bytes = b"", channels=CHANNELS) -> SpawnResult:
-        spawned = await self._request(lambda req: Spawn(req, username, uid, name, dict(env or {}), stdin, tuple(channels)))
-        return spawned
+        return await self._request(lambda req: Spawn(req, username, uid, name, dict(env or {}), stdin, tuple(channels)))
 
     async def signal(self, pid: int, sig: str = "TERM") -> None:
         await self._request(lambda req: Signal(req, pid, sig))

@@ -216,6 +216,7 @@ class Client:
         self.key = key
         self.session = BrokerSession(key)
         self.fds: list[int] = []
+        self.channel_fds: dict[str, dict] = {}
         self.events: list = []
         self._n = 0
 
@@ -226,13 +227,15 @@ class Client:
         return challenge
 
     def next_event(self):
-        while True:
-            event = self.session.next_event()
-            if event is not NEED_DATA:
-                return event
+        """The next event; a `spawned` takes its SCM_RIGHTS fds off the queue right away,
+        so that fds and frames stay paired however the events are consumed later."""
+        while (event := self.session.next_event()) is NEED_DATA:
             data, fds, _, _ = socket.recv_fds(self.sock, 65536, 16)
             self.fds.extend(fds)
             self.session.receive_data(data)
+        if getattr(event, "TYPE", None) == "spawned":
+            self.channel_fds[event.req] = {name: self.fds.pop(0) for name in event.channels}
+        return event
 
     def request(self, msg) -> None:
         self.sock.sendall(self.session.send(msg))
@@ -257,31 +260,24 @@ class Client:
         return self.reply(req)
 
     def reply(self, req: str):
-        """The reply to `req`; `exited` events that come first are kept in self.events."""
-        for event in self.events:
-            if getattr(event, "req", None) == req:
-                self.events.remove(event)
-                return types.SimpleNamespace(**dataclasses.asdict(event), type=event.TYPE, fds={})
-        while True:
-            event = self.next_event()
-            if getattr(event, "req", None) == req:
-                fds = {name: self.fds.pop(0) for name in getattr(event, "channels", ())}
-                return types.SimpleNamespace(**dataclasses.asdict(event), type=event.TYPE, fds=fds)
-            if event is CLOSED:
-                raise EOFError("helper closed the connection")
-            self.events.append(event)
+        """The reply to `req`, with the fds that came with it; other events that arrive
+        first are kept in self.events."""
+        event = self._wait(lambda e: getattr(e, "req", None) == req)
+        return types.SimpleNamespace(**dataclasses.asdict(event), type=event.TYPE, fds=self.channel_fds.pop(req, {}))
 
     def wait_exited(self, pid: int):
+        return self._wait(lambda e: e.TYPE == "exited" and e.pid == pid)
+
+    def _wait(self, match):
         for event in self.events:
-            if getattr(event, "pid", None) == pid and event.TYPE == "exited":
+            if match(event):
+                self.events.remove(event)
                 return event
-        while True:
-            event = self.next_event()
-            if event is CLOSED:
-                raise EOFError("helper closed the connection")
-            if event.TYPE == "exited" and event.pid == pid:
+        while (event := self.next_event()) is not CLOSED:
+            if match(event):
                 return event
             self.events.append(event)
+        raise EOFError("helper closed the connection")
 
 
 def read_report(fd: int, timeout=10) -> dict:
