@@ -3,8 +3,6 @@ probe's own /proc/self/status, /proc/self/fd and getres*id."""
 
 import json
 import os
-import pwd
-import stat
 
 import pytest
 

@@ -1,7 +1,6 @@
 """PAM in the per-UEP session process (SECURITY-REVIEW 14), with real modules and
 service files under /etc/pam.d created for the test."""
 
-import os
 
 import pytest
 
