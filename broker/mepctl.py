@@ -11,8 +11,9 @@ def cmd_start(args) -> int:
         print("mepctl start: must run as root (the helper keeps root; it drops the broker to the "
               "broker account itself)", file=sys.stderr)
         return 77
-    # the helper re-executes itself as `python3 -I -S` with only its own code on sys.path
-    argv = [sys.executable, "-m", "privhelper", "--policy", args.policy, "--launch"]
+    # -I keeps the cwd off sys.path, so this finds the installed helper, never a checkout
+    # in the current directory; the helper then re-executes itself as `python3 -I -S`
+    argv = [sys.executable, "-I", "-m", "privhelper", "--policy", args.policy, "--launch"]
     if args.debug:
         argv.append("--debug")
     os.execv(sys.executable, argv)

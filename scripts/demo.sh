@@ -34,7 +34,7 @@ TOML
 chmod 0644 "$ETC/policy.toml"
 
 say "mepctl start --policy $ETC/policy.toml"
-"$VENV/bin/mepctl" start --policy "$ETC/policy.toml" || true
+"$VENV/bin/mepctl" start --policy "$ETC/policy.toml"
 left=$(pgrep -u mep-demo-alice,mep-demo-bob -c || true)
 say "processes left running as the demo users: ${left}"
 [ "$left" = 0 ]
