@@ -16,7 +16,8 @@ import socket
 from typing import Callable
 
 from broker.session import BrokerSession
-from protocol import CLOSED, NEED_DATA, ProtocolError
+from protocol.errors import ProtocolError
+from protocol.session import CLOSED, NEED_DATA
 from protocol.messages import CHANNELS, Challenge, Exited, Ping, Refused, Signal, Spawn, Spawned
 
 MAX_FDS_PER_READ = 16

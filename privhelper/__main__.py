@@ -3,9 +3,7 @@
     mep-privhelper --policy FILE --launch            root parent = helper, child = broker
     mep-privhelper --policy FILE --socket-activated  one systemd-accepted connection
     mep-privhelper --policy FILE --fd N              an already-connected socket (tests)
-
-Always runs as `python3 -I -S`; started any other way it re-executes itself so.
-"""
+Always runs as `python3 -I -S`; started any other way it re-executes itself so."""
 
 import argparse
 import logging

@@ -13,11 +13,6 @@ class ActivationError(Exception):
     pass
 
 
-def peer_cred(sock: socket.socket) -> tuple:
-    """(pid, uid, gid) of the connecting process, from the kernel."""
-    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-
-
 def inherited_connection(broker_uid: int) -> socket.socket:
     listen_pid, listen_fds = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
@@ -27,7 +22,7 @@ def inherited_connection(broker_uid: int) -> socket.socket:
     if listen_fds != "1":
         raise ActivationError(f"LISTEN_FDS={listen_fds!r}: expected exactly 1 (the unit needs Accept=yes)")
     sock = unix_stream(SD_LISTEN_FDS_START)
-    pid, uid, _ = peer_cred(sock)
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     if uid != broker_uid:
         sock.close()
         raise ActivationError(f"peer pid {pid} has uid {uid}, not the broker uid {broker_uid}; refused before reading")

@@ -1,8 +1,5 @@
-"""Who may be spawned: the checks of a spawn request against passwd, groups and policy.
-
-Runs in the helper before any fork. Each refusal names the rule, so that the admin's log
-and the user's failure notice say the same thing.
-"""
+"""Who may be spawned, checked before any fork. Each refusal names its rule, so the admin's
+log and the user's failure notice say the same thing."""
 
 import dataclasses
 import grp
@@ -27,6 +24,11 @@ class Account:
     shell: str
     groups: tuple  # every gid the user is in, primary included, as initgroups sets them
 
+    @classmethod
+    def of(cls, pw):
+        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell,
+                   tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))))
+
 
 def authorize(req, policy, total_children: int, children_of) -> Account:
     """Return the account to run `req` as, or raise Refusal. `children_of(uid)` counts
@@ -46,12 +48,12 @@ def authorize(req, policy, total_children: int, children_of) -> Account:
         raise Refusal("uid-below-min", f"uid {uid} of {req.username!r} is a system account (policy min_uid={policy.min_uid})")
     if uid in NOBODY_UIDS or uid > policy.max_uid:
         raise Refusal("uid-reserved", f"uid {uid} of {req.username!r} is reserved (nobody/overflow, or above policy max_uid={policy.max_uid})")
-    if (back := _name_of(uid)) != req.username:
+    if (back := _lookup(pwd.getpwuid, uid)) != req.username:
         raise Refusal("no-round-trip", f"uid {uid} maps back to {back!r}, not {req.username!r}")
     if req.username in policy.deny_users:
         raise Refusal("denied-user", f"{req.username!r} is listed in policy deny_users")
-    groups = tuple(sorted(set(os.getgrouplist(req.username, pw.pw_gid))))
-    names = {_group_name(gid) for gid in groups}
+    account = Account.of(pw)
+    names = {_lookup(grp.getgrgid, gid) for gid in account.groups}
     if denied := sorted(names & policy.deny_groups):
         raise Refusal("denied-group", f"{req.username!r} is in group {denied[0]!r}, listed in policy deny_groups")
     if policy.allow_users or policy.allow_groups:
@@ -62,18 +64,12 @@ def authorize(req, policy, total_children: int, children_of) -> Account:
             raise Refusal("env-denied", f"environment variable {name!r} may not be set for a UEP (helper env deny-list)")
     if (running := children_of(uid)) >= policy.max_children_per_user:
         raise Refusal("limit-user", f"{req.username!r} has {running} UEPs running, the limit is {policy.max_children_per_user} (policy max_children_per_user)")
-    return Account(req.username, uid, pw.pw_gid, pw.pw_dir, pw.pw_shell, groups)
+    return account
 
 
-def _name_of(uid: int) -> str | None:
+def _lookup(getter, id_: int) -> str | None:
+    """The name of a uid or gid, or None if the database has no entry."""
     try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
-def _group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
+        return getter(id_)[0]  # pw_name / gr_name
     except KeyError:
         return None

@@ -1,10 +1,5 @@
-"""What runs after fork: the per-UEP session process and the UEP child's privilege drop.
-
-The session process stays root for the UEP's whole life: it holds the PAM session open,
-waits for the UEP, then closes the session and reports the exit status. The UEP child
-drops to the user with no way back and execs the policy's program. Both run only in
-forked copies of the helper, never in the helper itself.
-"""
+"""After fork: the session process (root; holds PAM open for the UEP's life) and the UEP
+child's drop to the user with no way back. Never runs in the helper itself."""
 
 import contextlib
 import fcntl
@@ -14,6 +9,7 @@ import signal
 import time
 
 from privhelper import linux
+from privhelper.authorize import Refusal
 from privhelper.pam import PamError, PamSession
 from privhelper.policy import FIXED_ENV
 
@@ -22,12 +18,6 @@ log = logging.getLogger("mep-privhelper")
 ERR_FD = 5  # the child's close-on-exec error pipe: EOF there means exec succeeded
 CHANNEL_FDS = {"stdin": 0, "cred": 3, "audit": 4}
 _CAP_KEYS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-
-
-class SetupError(Exception):
-    def __init__(self, code, reason):
-        super().__init__(f"{code}: {reason}")
-        self.code, self.reason = code, reason
 
 
 class _Stop(Exception):
@@ -65,19 +55,19 @@ def drop_privileges(name: str, uid: int, gid: int, groups: tuple, no_new_privs: 
     os.setresuid(uid, uid, uid)
     linux.clear_capabilities()  # the uid change clears permitted/effective, not inheritable
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-        raise SetupError("setup-failed", f"ids after the drop are {os.getresuid()}/{os.getresgid()}")
+        raise Refusal("setup-failed", f"ids after the drop are {os.getresuid()}/{os.getresgid()}")
     if tuple(sorted(set(os.getgroups()))) != tuple(groups):
-        raise SetupError("setup-failed", f"groups after the drop are {sorted(os.getgroups())}, expected {list(groups)}")
+        raise Refusal("setup-failed", f"groups after the drop are {sorted(os.getgroups())}, expected {list(groups)}")
     with contextlib.suppress(PermissionError):
         os.setuid(0)
-        raise SetupError("setup-failed", "setuid(0) succeeded after the drop")
+        raise Refusal("setup-failed", "setuid(0) succeeded after the drop")
     status = linux.proc_status()
     if left := {k: status[k] for k in _CAP_KEYS if int(status[k], 16)}:
-        raise SetupError("setup-failed", f"capabilities left after the drop: {left}")
+        raise Refusal("setup-failed", f"capabilities left after the drop: {left}")
     if no_new_privs:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         if linux.prctl(linux.PR_GET_NO_NEW_PRIVS) != 1:
-            raise SetupError("setup-failed", "NO_NEW_PRIVS did not stick")
+            raise Refusal("setup-failed", "NO_NEW_PRIVS did not stick")
 
 
 def follow_parent(parent_pid: int, sig: int) -> None:
@@ -111,9 +101,9 @@ def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
         try:
             os.execve(argv[0], list(argv), env)
         except OSError as e:
-            raise SetupError("exec-failed", f"cannot exec {argv[0]}: {e.strerror}") from None
+            raise Refusal("exec-failed", f"cannot exec {argv[0]}: {e.strerror}") from None
     except BaseException as e:  # noqa: BLE001 - anything at all must end in _exit
-        code, reason = (e.code, e.reason) if isinstance(e, SetupError) else ("setup-failed", f"{step}: {e!r}")
+        code, reason = (e.code, e.reason) if isinstance(e, Refusal) else ("setup-failed", f"{step}: {e!r}")
         try:
             os.write(err_fd, f"{code} {reason}".encode()[:1000])
         finally:
@@ -165,25 +155,18 @@ def _run_session(account, req, policy, child_fds, status_w) -> int:
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         plan = {0: child_fds["stdin"], 1: devnull, 2: devnull, **{CHANNEL_FDS[c]: child_fds[c] for c in req.channels}}
         argv = tuple(req.name if a == "{name}" else a for a in policy.uep_argv)
-        env = build_env(account, policy, pam_env, dict(req.env))
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        me = os.getpid()
-        if (pid := os.fork()) == 0:
-            exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, parent_pid=me,
-                       no_new_privs=policy.pam.no_new_privs or not policy.pam.enabled)
-        for fd in {err_w, *plan.values()}:
+        pid, failure = fork_exec(account, argv, build_env(account, policy, pam_env, dict(req.env)), plan,
+                                 no_new_privs=policy.pam.no_new_privs or not policy.pam.enabled)
+        for fd in set(plan.values()):
             os.close(fd)
-        if failure := read_all(err_r):
-            os.waitpid(pid, 0)
-            _report(status_w, "refused " + failure.decode("utf-8", "replace"))
-            return 0
-        _report(status_w, f"ok {pid}")
-        status = _wait_uep(pid, policy.stop_grace_seconds)
-        _report(status_w, f"exit {os.waitstatus_to_exitcode(status)}")
+        if failure:
+            _report(status_w, "refused " + failure)
+        else:
+            _report(status_w, f"ok {pid}")
+            _report(status_w, f"exit {os.waitstatus_to_exitcode(_wait_uep(pid, policy.stop_grace_seconds))}")
         return 0
     except PamError as e:
-        step = e.step.removeprefix("pam_").replace("_", "-")
-        _report(status_w, f"refused pam-{step} PAM service {policy.pam.service!r} refused {account.name!r}: {e}")
+        _report(status_w, f"refused pam-{e.step.removeprefix('pam_').replace('_', '-')} PAM service {policy.pam.service!r} refused {account.name!r}: {e}")
         return 0
     except _Stop:
         return 1
@@ -195,12 +178,18 @@ def _run_session(account, req, policy, child_fds, status_w) -> int:
                 log.error("closing the PAM session of %s: %s", account.name, e)
 
 
-def read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
+def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
+    """Fork a child that drops to `account` and execs; wait until it has exec'd.
+    Returns (pid, None), or (pid, "CODE reason") with the child reaped."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    me = os.getpid()
+    if (pid := os.fork()) == 0:
+        exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=no_new_privs, parent_pid=me)
+    os.close(err_w)
+    with os.fdopen(err_r, "rb") as f:
+        if failure := f.read():
+            os.waitpid(pid, 0)
+    return pid, failure.decode("utf-8", "replace") or None
 
 
 def _wait_uep(pid: int, grace: int) -> int:
@@ -213,17 +202,19 @@ def _wait_uep(pid: int, grace: int) -> int:
             if done:
                 break
             if time.monotonic() > deadline:
-                _kill_group(pid, signal.SIGKILL)
+                kill(-pid, signal.SIGKILL)
                 deadline = float("inf")
             time.sleep(0.02)
         except _Stop:
             if deadline is None:
-                _kill_group(pid, signal.SIGTERM)
+                kill(-pid, signal.SIGTERM)
                 deadline = time.monotonic() + grace
-    _kill_group(pid, signal.SIGKILL)
+    kill(-pid, signal.SIGKILL)
     return status
 
 
-def _kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
+def kill(pid: int | None, sig: int) -> None:
+    """kill(2) that ignores a pid already gone; a negative pid is a process group."""
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)

@@ -1,9 +1,5 @@
-"""ctypes bindings for the few kernel calls the stdlib lacks: prctl and capset.
-
-Chosen over python-prctl and cffi: ctypes is in the stdlib, so the root process loads no
-third-party compiled code and needs no build dependencies (python-prctl needs libcap-dev;
-cffi's ABI mode is ctypes with an extra dependency). See docs/decisions.md.
-"""
+"""ctypes for what the stdlib lacks (prctl, capset): no third-party compiled code in the
+root process. Why not python-prctl or cffi: docs/decisions.md."""
 
 import ctypes
 import errno
@@ -14,10 +10,8 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 38, 39
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
@@ -52,14 +46,11 @@ def clear_capabilities() -> None:
     _check(_libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), ctypes.byref((_CapData * 2)())), "capset")
 
 
-def last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
-
-
 def drop_bounding_set() -> None:
     """Drop every capability from the bounding set (needs CAP_SETPCAP: call as root)."""
-    for cap in range(last_cap() + 1):
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    for cap in range(last_cap + 1):
         try:
             prctl(PR_CAPBSET_DROP, cap)
         except OSError as e:

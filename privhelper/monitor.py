@@ -5,8 +5,7 @@
     ready        spawn, signal, ping                 fatal
     (any)        a frame started must finish within io_timeout, else fatal
 
-Fatal means: log why, close the connection, stop every UEP (TERM to its group, KILL after
-the grace period), wait for the session processes to close their PAM sessions, exit.
+Fatal: log why, close the connection, stop every UEP, let PAM sessions close, exit.
 """
 
 import dataclasses
@@ -18,15 +17,13 @@ import signal
 import socket
 import time
 
-from protocol import CLOSED, NEED_DATA, HelperSession, ProtocolError
+from protocol.errors import ProtocolError
+from protocol.session import CLOSED, NEED_DATA, HelperSession
 from protocol.messages import Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned
 from privhelper import child
 from privhelper.authorize import Refusal, authorize
 
 log = logging.getLogger("mep-privhelper")
-
-SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL, "HUP": signal.SIGHUP}
-
 
 class Fatal(Exception):
     pass
@@ -49,16 +46,13 @@ class SessionChild:
 
 class Monitor:
     def __init__(self, conn: socket.socket, policy, key: bytes, broker_pid: int | None = None):
-        self.conn, self.policy = conn, policy
+        self.conn, self.policy, self.broker_pid = conn, policy, broker_pid
         self.session = HelperSession(key, max_frame=policy.max_frame)
-        self.broker_pid = broker_pid
         self.children: dict[int, SessionChild] = {}  # by session pid
-        self.by_fd: dict[int, SessionChild] = {}
-        self.poller = select.poll()
-        self.deadline = None
+        self.by_fd: dict[int, SessionChild] = {}  # by status pipe fd
+        self.poller, self.deadline = select.poll(), None
         self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: lambda msg: self.send(Pong(msg.req))}
 
-    # -- the loop --------------------------------------------------------------
 
     def run(self) -> int:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -123,13 +117,12 @@ class Monitor:
         log.warning("refused req=%s user=%s code=%s: %s", req, who, code, reason)
         self.send(Refused(req, code, reason))
 
-    # -- requests --------------------------------------------------------------
 
     def do_signal(self, msg: Signal) -> None:
         target = next((c for c in self.children.values() if c.uep_pid == msg.pid and c.exit_code is None), None)
         if target is None:
             return self.refuse(msg.req, "not-our-child", f"pid {msg.pid} is not a running UEP started by this helper")
-        os.killpg(msg.pid, SIGNALS[msg.signal])
+        os.killpg(msg.pid, signal.Signals["SIG" + msg.signal])  # one of protocol's SIGNALS
         log.info("signal %s to UEP group %d of %s", msg.signal, msg.pid, target.account.name)
         self.send(Signaled(msg.req, msg.pid))
 
@@ -173,7 +166,6 @@ class Monitor:
             broker_fds.append(audit_r)
         return child_fds, broker_fds
 
-    # -- session processes -----------------------------------------------------
 
     def read_status(self, rec: SessionChild) -> None:
         """The session process writes whole short lines (atomic on a pipe); read them."""
@@ -222,11 +214,10 @@ class Monitor:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
-            if pid == self.broker_pid:
+            elif pid == self.broker_pid:
                 log.info("broker process %d exited (%s)", pid, _describe(status))
                 self.broker_pid = None
-                continue
-            if rec := self.children.pop(pid, None):
+            elif rec := self.children.pop(pid, None):
                 self.finish(rec, status)
 
     def finish(self, rec: SessionChild, status: int) -> None:
@@ -241,22 +232,21 @@ class Monitor:
             log.info("exited user=%s pid=%d status=%d", rec.account.name, rec.uep_pid, code)
             self.send(Exited(rec.uep_pid, code))
 
-    # -- the end -----------------------------------------------------------------
 
     def shutdown(self) -> None:
         """TERM every session process (each TERMs, then KILLs, its UEP group and closes PAM)
         and the broker; KILL what is left after the grace period; reap everything."""
         self.conn.close()
         for pid in [*self.children, self.broker_pid]:
-            _kill(pid, signal.SIGTERM)
+            child.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.policy.stop_grace_seconds + 5
         while self.children or self.broker_pid is not None:
             if time.monotonic() > deadline:
                 log.error("killing session processes %s and their UEP groups: they did not stop", list(self.children))
                 for rec in self.children.values():
-                    _kill(rec.pid, signal.SIGKILL)
-                    _kill(-rec.uep_pid if rec.uep_pid else None, signal.SIGKILL)
-                _kill(self.broker_pid, signal.SIGKILL)
+                    child.kill(rec.pid, signal.SIGKILL)
+                    child.kill(-rec.uep_pid if rec.uep_pid else None, signal.SIGKILL)
+                child.kill(self.broker_pid, signal.SIGKILL)
                 deadline = float("inf")
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -266,14 +256,6 @@ class Monitor:
                 time.sleep(0.02)
             self.children.pop(pid, None)
             self.broker_pid = None if pid == self.broker_pid else self.broker_pid
-
-
-def _kill(pid: int | None, sig: int) -> None:
-    if pid:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _child_end(fd: int) -> int:

@@ -1,20 +1,12 @@
-"""A small ctypes binding to libpam: start, acct_mgmt, setcred, open/close session, env.
-
-python-pam only authenticates (it needs a password). The helper never authenticates: the
-user proved who they are to Globus Auth; PAM here answers "may this account log in now"
-(account) and sets up the login session (setcred, session), as su and sshd do after auth.
-The conversation function answers no prompts; it keeps info and error texts so that a
-refusal can tell the user what the module said (pam_nologin's message, for instance).
-"""
+"""ctypes libpam binding: account, setcred and session, never authentication (Globus Auth
+did that; python-pam can only authenticate). The conversation answers no prompts."""
 
 import ctypes
 
 PAM_SUCCESS = 0
 PAM_CONV_ERR = 19
-PAM_ESTABLISH_CRED = 0x2
-PAM_DELETE_CRED = 0x4
-PAM_ERROR_MSG = 3
-PAM_TEXT_INFO = 4
+PAM_ESTABLISH_CRED, PAM_DELETE_CRED = 0x2, 0x4  # pam_setcred flags
+PAM_ERROR_MSG, PAM_TEXT_INFO = 3, 4  # the message styles the conversation accepts
 
 _libpam = ctypes.CDLL("libpam.so.0", use_errno=True)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -39,14 +31,13 @@ class _Conv(ctypes.Structure):
     _fields_ = [("conv", _CONV_FUNC), ("appdata_ptr", ctypes.c_void_p)]
 
 
-_pam_handle_p = ctypes.c_void_p
-_libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(_pam_handle_p)]
+_libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(ctypes.c_void_p)]
 for _name in ("pam_acct_mgmt", "pam_setcred", "pam_open_session", "pam_close_session", "pam_end"):
-    getattr(_libpam, _name).argtypes = [_pam_handle_p, ctypes.c_int]
+    getattr(_libpam, _name).argtypes = [ctypes.c_void_p, ctypes.c_int]
     getattr(_libpam, _name).restype = ctypes.c_int
-_libpam.pam_strerror.argtypes = [_pam_handle_p, ctypes.c_int]
+_libpam.pam_strerror.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libpam.pam_strerror.restype = ctypes.c_char_p
-_libpam.pam_getenvlist.argtypes = [_pam_handle_p]
+_libpam.pam_getenvlist.argtypes = [ctypes.c_void_p]
 _libpam.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_void_p)
 
 
@@ -62,7 +53,7 @@ class PamSession:
     def __init__(self, service: str, user: str):
         self.messages = []
         self._conv = _Conv(_CONV_FUNC(self._converse), None)  # kept referenced: PAM calls it later
-        self._handle, self._last, self.session_open, self.cred_set = _pam_handle_p(), PAM_SUCCESS, False, False
+        self._handle, self._last, self.session_open, self.cred_set = ctypes.c_void_p(), PAM_SUCCESS, False, False
         rc = _libpam.pam_start(service.encode(), user.encode(), ctypes.byref(self._conv), ctypes.byref(self._handle))
         if rc != PAM_SUCCESS:
             raise PamError("pam_start", f"error {rc}")

@@ -1,10 +1,5 @@
-"""The helper's policy: a root-owned TOML file, the only source of what may be exec'd.
-
-The helper refuses to start if the file, its directory or any ancestor is not root-owned
-or is writable by group or others, and likewise for the UEP executable and the key file.
-Unknown keys and wrong types stop it too: a typo in a security setting must not be
-silently ignored.
-"""
+"""The root-owned TOML policy, the only source of what may be exec'd. Untrusted paths,
+unknown keys and wrong types stop the helper: a typo in a security setting must not pass."""
 
 import dataclasses
 import os
@@ -40,7 +35,6 @@ class Policy:
     path: str
     broker_user: str
     broker_uid: int
-    broker_gid: int
     key_file: str
     uep_argv: tuple
     broker_argv: tuple = ()
@@ -98,9 +92,8 @@ def _typed(table: dict, spec: dict, where: str) -> dict:
     for key, value in table.items():
         if key not in spec:
             raise PolicyError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(spec))})")
-        want = spec[key]
-        if type(value) is not want:
-            raise PolicyError(f"{where}: {key} must be a {want.__name__}, not {type(value).__name__}")
+        if type(value) is not spec[key]:
+            raise PolicyError(f"{where}: {key} must be a {spec[key].__name__}, not {type(value).__name__}")
     return table
 
 
@@ -112,8 +105,9 @@ def _str_list(raw: dict, key: str, where: str) -> tuple:
 
 
 def _argv(raw: dict, key: str, where: str, placeholder: bool) -> tuple:
-    argv = _str_list(raw, key, where)
-    if not argv:
+    if not (argv := _str_list(raw, key, where)):
+        if placeholder:
+            raise PolicyError(f"{where}: {key} must not be empty")
         return ()
     check_trusted_path(argv[0], f"{where}: {key}[0]")
     if not os.access(argv[0], os.X_OK):
@@ -130,10 +124,8 @@ def load_policy(path: str) -> Policy:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"{path}: {e}") from None
-    _typed(raw, _KEYS, path)
-    for key in _REQUIRED:
-        if key not in raw:
-            raise PolicyError(f"{path}: required key {key!r} is missing")
+    if missing := [key for key in _REQUIRED if key not in _typed(raw, _KEYS, path)]:
+        raise PolicyError(f"{path}: required key {missing[0]!r} is missing")
     pam = Pam(**_typed(raw.get("pam", {}), _PAM_KEYS, f"{path} [pam]"))
     try:
         broker = pwd.getpwnam(raw["broker_user"])
@@ -145,8 +137,6 @@ def load_policy(path: str) -> Policy:
     if os.stat(raw["key_file"]).st_mode & stat.S_IROTH:
         raise PolicyError(f"{path}: key_file {raw['key_file']} is readable by others")
     uep_argv = _argv(raw, "uep_argv", path, placeholder=True)
-    if not uep_argv:
-        raise PolicyError(f"{path}: uep_argv must not be empty")
     ints = {k: raw[k] for k in _INTS if k in raw}
     if ints.get("min_uid", 1000) < 1:
         raise PolicyError(f"{path}: min_uid must be at least 1 (uid 0 is never spawned)")
@@ -156,7 +146,7 @@ def load_policy(path: str) -> Policy:
         if ints.get(key, 1) < 1:
             raise PolicyError(f"{path}: {key} must be at least 1")
     lists = {k: frozenset(_str_list(raw, k, path)) for k in ("deny_users", "deny_groups", "allow_users", "allow_groups")}
-    return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid, broker_gid=broker.pw_gid,
+    return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid,
                   key_file=raw["key_file"], uep_argv=uep_argv, broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
                   pam=pam, env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),
                   path_env=raw.get("path", Policy.path_env), lang=raw.get("lang", Policy.lang), **lists, **ints)

@@ -1,9 +1,5 @@
-"""Canonical JSON: UTF-8, sorted keys, no whitespace, no floats, no NaN/Infinity.
-
-The decoder accepts a body only if re-encoding it gives back the same bytes. That one
-rule removes every ambiguity (duplicate keys, escapes, spacing, number spellings) and
-makes the MAC, which is computed over the canonical bytes, unambiguous too.
-"""
+"""Canonical JSON (sorted keys, no whitespace, no floats). A body is accepted only if it
+re-encodes to the same bytes: no ambiguity left, so the MAC over it is unambiguous too."""
 
 import json
 
@@ -12,8 +8,7 @@ from protocol.errors import ProtocolError
 
 def dumps(obj) -> bytes:
     try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (ValueError, TypeError, UnicodeError, RecursionError) as e:
         raise ProtocolError(f"cannot encode canonically: {e}") from None
 
@@ -37,8 +32,7 @@ def _no_float(text):
 
 def loads(body: bytes):
     try:
-        text = body.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant, parse_float=_no_float)
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_no_constant, parse_float=_no_float)
     except ProtocolError:
         raise
     except (ValueError, UnicodeError, RecursionError) as e:

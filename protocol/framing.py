@@ -1,8 +1,5 @@
-"""Length-prefixed frames: a 4-byte big-endian length, then that many bytes of body.
-
-Zero-length and oversized frames are refused as soon as the header is seen, so a peer
-cannot make us buffer more than one frame's worth of bytes.
-"""
+"""u32 big-endian length, then the body. Bad lengths are refused as soon as the header
+arrives, so a peer cannot make us buffer more than one frame."""
 
 import struct
 
@@ -24,8 +21,7 @@ class FrameReader:
     def __init__(self, max_body: int = MAX_FRAME):
         if not 0 < max_body <= MAX_FRAME:
             raise ValueError(f"max_body must be in 1..{MAX_FRAME}")
-        self.max_body = max_body
-        self._buf = bytearray()
+        self.max_body, self._buf = max_body, bytearray()
 
     @property
     def partial(self) -> bool:

@@ -1,10 +1,5 @@
-"""Message types and their exact wire schemas.
-
-Each message is a frozen dataclass with a `TYPE` and a `FIELDS` table of validators. The
-decoder demands the exact key set and checks every value; bool is never an int, and every
-string and collection has a bound. Usernames and UEP names are matched by regexes that
-leave no room for '/', '..', NUL, newlines or a leading '-'.
-"""
+"""Message types with exact wire schemas: the exact key set, every value checked and
+bounded, bool never an int, names that cannot hold '/', '..', NUL or a leading '-'."""
 
 import base64
 import binascii
@@ -93,14 +88,10 @@ class Base64:
         return raw
 
 
-def _encode_value(value):
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, types.MappingProxyType):
-        return dict(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
+def _wire(value):
+    """A field value in its JSON shape: base64 for bytes, dict, list."""
+    return (base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else dict(value)
+            if isinstance(value, types.MappingProxyType) else list(value) if isinstance(value, tuple) else value)
 
 
 REGISTRY = {}
@@ -116,9 +107,7 @@ def message(type_name, *, request=False, doc=None, **fields):
 
 
 def to_wire(msg) -> dict:
-    body = {name: _encode_value(getattr(msg, name)) for name in msg.FIELDS}
-    body["type"] = msg.TYPE
-    return body
+    return {**{name: _wire(getattr(msg, name)) for name in msg.FIELDS}, "type": msg.TYPE}
 
 
 def from_wire(obj, envelope=()) -> object:
@@ -130,13 +119,9 @@ def from_wire(obj, envelope=()) -> object:
     cls = REGISTRY.get(type_name) if type(type_name) is str else None
     if cls is None:
         raise ProtocolError(f"unknown message type {str(type_name)[:40]!r}")
-    expected = set(cls.FIELDS) | {"type"} | set(envelope)
-    keys = set(obj)
-    if keys != expected:
-        missing, extra = sorted(expected - keys), sorted(keys - expected)
-        raise ProtocolError(f"{type_name}: missing keys {missing}, unexpected keys {extra}")
-    values = {name: field.check(f"{type_name}.{name}", obj[name]) for name, field in cls.FIELDS.items()}
-    return cls(**values)
+    if (keys := set(obj)) != (expected := {*cls.FIELDS, "type", *envelope}):
+        raise ProtocolError(f"{type_name}: missing keys {sorted(expected - keys)}, unexpected keys {sorted(keys - expected)}")
+    return cls(**{name: field.check(f"{type_name}.{name}", obj[name]) for name, field in cls.FIELDS.items()})
 
 
 REQ, PID = Str(REQ_ID_RE, 64), Int(1, MAX_PID)

@@ -1,14 +1,7 @@
-"""The helper's session state machine and the base both sides share, I/O-free. The
-broker's machine (broker/session.py) never runs as root, so it is not in this package.
+"""The helper's I/O-free session machine (h11 style) and the base it shares with the
+broker's (broker/session.py). Handshake and MAC rules: docs/root-code.md.
 
     helper:  start --challenge()--> await-hello --Hello--> ready --requests...
-    broker:  await-challenge --Challenge--> challenged --hello()--> ready --send()...
-
-The helper opens with a random nonce. The broker proves it holds the per-MEP key with
-hello.mac = HMAC(key, "mep-hello\\0" + nonce). Every request then carries `seq` (1, 2, 3...
-with no gaps) and `mac` = HMAC(key, "mep-req\\0" + nonce + canonical body without mac).
-The nonce binds a request to one connection, seq to one place in it: a replayed, skipped
-or transplanted request fails. Any error moves the machine to `error` for good.
 """
 
 import hashlib
@@ -27,7 +20,7 @@ class NEED_DATA:
 
 
 class CLOSED:
-    """next_event(): the peer closed the connection cleanly, at a frame boundary."""
+    """next_event(): the peer closed cleanly, at a frame boundary."""
 
 
 def hello_mac(key: bytes, nonce: bytes) -> str:

@@ -22,7 +22,9 @@ import types
 from pathlib import Path
 
 from broker.session import BrokerSession
-from protocol import CLOSED, NEED_DATA, canonical, encode_frame
+from protocol import canonical
+from protocol.framing import encode_frame
+from protocol.session import CLOSED, NEED_DATA
 from protocol.session import request_mac
 from protocol.messages import Challenge, Spawn
 

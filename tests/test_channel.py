@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from protocol import canonical, encode_frame
+from protocol import canonical
+from protocol.framing import encode_frame
 from protocol.messages import Ping, Spawn
 from tests import rig
 
@@ -233,7 +234,7 @@ BROKER_SCRIPT = """
 import socket, sys
 sys.path.insert(0, sys.argv[1])
 from broker.session import BrokerSession
-from protocol import NEED_DATA
+from protocol.session import NEED_DATA
 from protocol.messages import Ping
 key = open(sys.argv[2], "rb").read()
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.connect(sys.argv[3]); s.settimeout(10)

@@ -7,7 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from broker.session import BrokerSession
-from protocol import NEED_DATA, FrameReader, HelperSession, ProtocolError, canonical, encode_frame
+from protocol import canonical
+from protocol.errors import ProtocolError
+from protocol.framing import FrameReader, encode_frame
+from protocol.session import NEED_DATA, HelperSession
 from protocol.messages import Exited, Ping, Refused, Signal, Spawn, Spawned, from_wire, to_wire
 
 KEY = bytes(range(32))
