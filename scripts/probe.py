@@ -1,9 +1,11 @@
 #!/usr/bin/python3 -I
 """A stand-in UEP that reports what it sees from the inside, for tests, demo and bench.
 
-Writes one JSON line to fd 4 (the audit pipe) when that is open, else to stdout: ids,
+Writes one JSON line to $PROBE_REPORT_DIR/PID.jsonl if set, else to fd 4 (the audit pipe)
+when that is open, else to stdout: ids,
 groups, capabilities, NoNewPrivs, open fds, session, umask, cwd, environment, argv, the
-stdin payload and the credential memfd. Then it acts on the stdin payload, a JSON object:
+stdin payload and the credential memfd. Then it acts on $PROBE_ACTION or else the stdin
+payload, a JSON object:
 {"sleep": seconds, "exit": code, "grandchild": true (fork a child that sleeps too),
 "cred_wait": seconds (wait for the credential memfd to change and report it again)}.
 Stdlib only; it is exec'd directly as the UEP program of a test policy.
@@ -69,6 +71,10 @@ def report() -> dict:
 
 def emit(record: dict) -> None:
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    if report_dir := os.environ.get("PROBE_REPORT_DIR"):  # as the UEP of a broker test
+        with open(os.path.join(report_dir, f"{os.getpid()}.jsonl"), "ab") as f:
+            f.write(line)
+        return
     try:
         os.write(4, line)
     except OSError:
@@ -81,8 +87,8 @@ def main() -> int:
     record["stdin"] = stdin
     record["cred"] = read_fd(3) if os.path.exists("/proc/self/fd/3") else None
     emit(record)
-    try:
-        action = json.loads(stdin) if stdin.strip() else {}
+    try:  # PROBE_ACTION when stdin is a real UEP document (broker tests)
+        action = json.loads(os.environ.get("PROBE_ACTION") or stdin or "{}")
     except ValueError:
         action = {}
     if action.get("grandchild") and os.fork() == 0:

@@ -1,0 +1,95 @@
+"""Start-UEP commands from the Globus Compute service, parsed and checked (no I/O).
+
+The format is upstream's (globus-compute-endpoint 4.19, core_endpoint.py): an AMQP
+message with content type application/json and a timestamp, whose body is
+
+    {"command": "cmd_start_endpoint", "args": [...],
+     "kwargs": {"name": UEP id, "amqp_creds": {...}, "user_opts": {...}, "user_runtime": {...}},
+     "globus_effective_identity": ..., "globus_identity_set": [...], "globus_username": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import attrs
+
+MAX_SKEW_S = 180  # upstream's: older (or further in the future) commands are refused
+START_COMMAND = "cmd_start_endpoint"
+UEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the helper's rule, checked early
+
+
+class CommandRejected(Exception):
+    """The command cannot be served. `kwargs` is what a failure notice needs (it may
+    lack amqp_creds, and then no notice can be sent); the message is for the user."""
+
+    def __init__(self, message: str, kwargs: dict | None = None, log_detail: str | None = None):
+        super().__init__(message)
+        self.kwargs = kwargs if isinstance(kwargs, dict) else {}
+        self.log_detail = log_detail or message
+
+
+@attrs.frozen
+class StartCommand:
+    name: str
+    amqp_creds: dict
+    user_opts: dict
+    user_runtime: dict
+    args: list
+    effective_identity: str
+    identity_set: list
+    globus_username: str
+    kwargs: dict  # as received, for failure notices and replays
+    timestamp: int
+
+    @property
+    def endpoint_id(self) -> str:
+        return str(self.amqp_creds.get("endpoint_id", self.name))
+
+    def for_log(self) -> dict:
+        return {"uep": self.name, "identity": self.effective_identity, "globus_username": self.globus_username}
+
+
+def parse(body: bytes, content_type: str | None, timestamp, now: float | None = None) -> StartCommand:
+    if content_type != "application/json":
+        raise CommandRejected("Invalid message type; expecting JSON", log_detail=f"content type {content_type!r}")
+    try:
+        msg = json.loads(body)
+        if not isinstance(msg, dict):
+            raise ValueError("the body is not a JSON object")
+        kwargs = msg.get("kwargs", {})
+    except ValueError as e:
+        raise CommandRejected(f"Unable to deserialize Globus Compute services command. ({type(e).__name__}) {e}") from None
+    now = round(time.time() if now is None else now)
+    try:
+        ts = int(timestamp)
+    except (TypeError, ValueError):
+        raise CommandRejected("Invalid server command: no timestamp", kwargs) from None
+    if abs(now - ts) > MAX_SKEW_S:
+        raise CommandRejected("Ignoring command from server\nCommand too old or skew between system clocks is too "
+                              f"large.\n  Command timestamp:  {ts}\n  Endpoint timestamp: {now}", kwargs)
+    if not isinstance(kwargs, dict):
+        raise CommandRejected("Invalid server command: kwargs is not an object")
+    command = msg.get("command")
+    if command != START_COMMAND:
+        raise CommandRejected(f"Unknown or invalid command: {str(command)[:80]}", kwargs)
+    missing = [k for k in ("globus_effective_identity", "globus_identity_set", "globus_username") if k not in msg]
+    if missing:
+        raise CommandRejected(f"Invalid server command.  (KeyError) {missing[0]!r}", kwargs)
+    identity_set = msg["globus_identity_set"]
+    if not isinstance(identity_set, list) or not all(isinstance(i, dict) for i in identity_set):
+        raise CommandRejected("Invalid server command: globus_identity_set is not a list of identities", kwargs)
+    name = kwargs.get("name")
+    if not isinstance(name, str) or not UEP_NAME_RE.fullmatch(name) or ".." in name:
+        raise CommandRejected("Missing or invalid endpoint name", kwargs)
+    creds = kwargs.get("amqp_creds")
+    if not isinstance(creds, dict) or not isinstance(creds.get("heartbeat_queue_info"), dict):
+        raise CommandRejected("Invalid server command: amqp_creds missing or malformed", kwargs)
+    user_opts, user_runtime, args = kwargs.get("user_opts") or {}, kwargs.get("user_runtime") or {}, msg.get("args") or []
+    if not isinstance(args, list):
+        raise CommandRejected("Invalid server command: args is not a list", kwargs)
+    return StartCommand(name=name, amqp_creds=creds, user_opts=user_opts, user_runtime=user_runtime, args=args,
+                        effective_identity=str(msg["globus_effective_identity"]), identity_set=identity_set,
+                        globus_username=str(msg["globus_username"]), kwargs=kwargs, timestamp=ts)

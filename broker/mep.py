@@ -1,0 +1,262 @@
+"""The multi-user endpoint: start-UEP commands in, user endpoint processes out.
+
+One command's path: parse and check it (commands.py) -> map the identity set to a local
+account (idmap.py) -> render the admin's template for that account (templates.py) ->
+ask the root helper to spawn the UEP (helper_client.py) -> hand it its credentials.
+Every refusal on the way becomes a failure notice to the user and a log line for the
+admin. The AMQP message is acknowledged only once its outcome is known, so a broker that
+dies mid-command leaves the command to be redelivered to the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+
+import aio_pika
+import yaml
+from cryptography.fernet import Fernet
+
+from broker import commands, notices, templates
+from broker.config import MEPConfig
+from broker.helper_client import HelperClient, HelperGone, HelperRefused
+from broker.idmap import IdentityMapper
+from broker.registry import UEP, Registry, stdin_document
+
+PREFETCH = 16  # commands in flight at once; each holds at most one helper request
+
+
+class Refusal(Exception):
+    """A start that will not happen: `user_message` goes to the user, `detail` to the log."""
+
+    def __init__(self, user_message: str, detail: str | None = None, **log_fields):
+        super().__init__(detail or user_message)
+        self.user_message, self.log_fields = user_message, log_fields
+
+
+def load_user_environment(path) -> dict:
+    """user_environment.yaml: flat `NAME: value` pairs for every UEP's environment."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as e:
+        raise Refusal("the endpoint's user environment file is broken; contact the endpoint administrator",
+                      f"{path}: {e}") from None
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        raise Refusal("the endpoint's user environment file is broken; contact the endpoint administrator",
+                      f"{path}: must be flat `NAME: value` pairs")
+    return {str(k): "" if v is None else str(v) for k, v in data.items()}
+
+
+class MEP:
+    def __init__(self, config: MEPConfig, registration: dict, helper: HelperClient, idmap: IdentityMapper, log):
+        self.config, self.registration, self.helper, self.idmap, self.log = config, registration, helper, idmap, log
+        self.endpoint_id = str(registration["endpoint_id"])
+        self.uep = Registry()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()
+        helper.on_exit = self.on_exit
+
+    # -- AMQP ------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Consume commands until stop() or until the helper goes away."""
+        info = self.registration["command_queue_info"]
+        connection = await aio_pika.connect_robust(info["connection_url"])
+        connection.reconnect_callbacks.add(lambda *_: self.log.warning("AMQP connection re-established"))
+        connection.close_callbacks.add(lambda _c, exc: exc and self.log.warning("AMQP connection lost; reconnecting",
+                                                                                error=str(exc)))
+        async with connection:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=PREFETCH)
+            queue = await channel.declare_queue(info["queue"], passive=True)
+            tag = await queue.consume(self.on_message)
+            self.log.info("consuming start commands", queue=info["queue"], endpoint_id=self.endpoint_id)
+            done = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait([done, self.helper.closed], return_when=asyncio.FIRST_COMPLETED)
+            await queue.cancel(tag)
+            done.cancel()
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        ts = message.timestamp.timestamp() if message.timestamp else None
+        try:
+            await self.handle(message.body, message.content_type, ts)
+        except HelperGone as e:
+            # not acked: the next broker gets this command again
+            self.log.error("helper connection lost while serving a command; leaving it for redelivery", error=str(e))
+            return
+        except Exception:  # noqa: BLE001 - the broker must outlive any one command
+            self.log.exception("unexpected error while serving a command; it was answered and acknowledged")
+        await message.ack()
+
+    # -- one command -----------------------------------------------------------------
+
+    async def handle(self, body: bytes, content_type, timestamp) -> None:
+        try:
+            cmd = commands.parse(body, content_type, timestamp)
+        except commands.CommandRejected as e:
+            self.log.error("start command refused", reason=e.log_detail)
+            return await self.notify(e.kwargs, str(e), who="(unparsed command)")
+        async with self._locks.setdefault(cmd.name, asyncio.Lock()):
+            try:
+                await self.start(cmd)
+            except Refusal as r:
+                self.log.error("user endpoint not started", reason=str(r), **cmd.for_log(), **r.log_fields)
+                await self.notify(cmd.kwargs, r.user_message, who=cmd.effective_identity)
+
+    async def notify(self, kwargs: dict, message: str, who: str) -> None:
+        creds = kwargs.get("amqp_creds") if isinstance(kwargs, dict) else None
+        if not isinstance(creds, dict):
+            self.log.error("cannot send a failure notice: the command carries no AMQP credentials", who=who)
+            return
+        try:
+            await notices.send_failure(creds, message)
+            self.log.info("failure notice sent", who=who, uep=kwargs.get("name"))
+        except Exception as e:  # noqa: BLE001
+            self.log.error("failure notice could not be sent", who=who, error=f"({type(e).__name__}) {e}")
+
+    async def start(self, cmd: commands.StartCommand) -> None:
+        running = self.uep.by_name.get(cmd.name)
+        account, mapped = await self.map_account(cmd)
+        if running is not None:
+            if running.uid != account.pw_uid:
+                raise Refusal(notices.start_failed(account.pw_name, "this user endpoint id belongs to another user"),
+                              f"UEP {cmd.name} runs as {running.username}, the command maps to {account.pw_name}")
+            running.write_credentials(cmd.amqp_creds)
+            running.replay = cmd
+            self.log.info("user endpoint already running; credentials refreshed, start cached in case it is stopping",
+                          pid=running.pid, user=running.username, **cmd.for_log())
+            return
+        rendered = self.render(cmd, account, mapped)
+        env = load_user_environment(self.config.user_environment_path)
+        env.setdefault("GLOBUS_COMPUTE_ENDPOINT_NAME", cmd.name)
+        python = cmd.user_runtime.get("python") if isinstance(cmd.user_runtime, dict) else None
+        if isinstance(python, dict) and isinstance(python.get("version"), str):
+            env.setdefault("GC_USER_PYTHON_VERSION", python["version"])
+        if isinstance(cmd.user_runtime.get("globus_compute_sdk_version"), str):
+            env.setdefault("GC_USER_SDK_VERSION", cmd.user_runtime["globus_compute_sdk_version"])
+        enckey = Fernet.generate_key()
+        audit = bool(self.config.high_assurance and self.config.audit_log_path)
+        stdin = stdin_document(amqp_creds=cmd.amqp_creds, config_text=rendered.text, posix_ppid=os.getpid(),
+                               candidates=mapped.candidates, matched_identity=mapped.identity, enckey=enckey,
+                               allowed_functions=self.config.allowed_functions, audit=audit)
+        try:
+            result = await self.helper.spawn(account.pw_name, account.pw_uid, cmd.name, env, stdin,
+                                             ("cred", "audit") if audit else ("cred",))
+        except HelperRefused as e:
+            raise Refusal(notices.start_failed(account.pw_name, f"({e.code}) {e.reason}; see your system administrator"),
+                          f"helper refused: ({e.code}) {e.reason}", user=account.pw_name) from None
+        uep = UEP(name=cmd.name, username=account.pw_name, uid=account.pw_uid, pid=result.pid,
+                  endpoint_id=cmd.endpoint_id, identity=mapped.identity, enckey=enckey,
+                  cred_fd=result.fds.get("cred"), audit_fd=result.fds.get("audit"))
+        uep.write_credentials(cmd.amqp_creds)
+        self.uep.add(uep)
+        self.log.info("user endpoint started", pid=uep.pid, user=uep.username, uid=uep.uid, rule=mapped.rule,
+                      **cmd.for_log())
+
+    async def map_account(self, cmd):
+        try:  # an external mapper runs a program: keep it off the event loop
+            mapped = await asyncio.to_thread(self.idmap.map, cmd.identity_set)
+        except Exception as e:  # noqa: BLE001 - a mapper's own failure
+            raise Refusal("Unhandled error attempting to map to a local user name.",
+                          f"identity mapper failed: ({type(e).__name__}) {e}") from None
+        if mapped is None:
+            raise Refusal("Identity failed to map to a local user name.",
+                          f"no rule of {self.idmap.path} maps any identity of the set",
+                          identities=[i.get("username") for i in cmd.identity_set])
+        try:
+            account = pwd.getpwnam(mapped.username)
+        except KeyError:
+            raise Refusal(f"Identity mapped to a local user name, but local user does not exist. "
+                          f"Local user name: {mapped.username}",
+                          f"{mapped.rule} mapped to {mapped.username!r}, which has no passwd entry") from None
+        if account.pw_uid == os.getuid():
+            raise Refusal(notices.start_failed(account.pw_name, "the mapped user is the endpoint's own account; "
+                                               "see your system administrator"),
+                          f"{mapped.rule} maps to the broker's own account {account.pw_name}")
+        return account, mapped
+
+    def render(self, cmd, account, mapped) -> templates.Rendered:
+        groups = os.getgrouplist(account.pw_name, account.pw_gid)
+        identity = {"local": {"uname": account.pw_name, "uid": account.pw_uid, "gid": account.pw_gid,
+                              "gecos": account.pw_gecos, "shell": account.pw_shell, "dir": account.pw_dir,
+                              "groups": groups},
+                    "globus": {"id": mapped.identity}}
+        parent = {"display_name": self.config.display_name, "high_assurance": self.config.high_assurance,
+                  "debug": self.config.debug, "multi_user": True}
+        try:
+            rendered = templates.render(self.config.user_config_template_path, self.config.user_config_schema_path,
+                                        user_opts=cmd.user_opts, user_runtime=cmd.user_runtime,
+                                        mapped_identity=identity, parent_config=parent,
+                                        high_assurance=self.config.high_assurance,
+                                        allowed_functions=self.config.allowed_functions)
+        except templates.TemplateRefused as e:
+            raise Refusal(notices.start_failed(account.pw_name, e.user_message), str(e), user=account.pw_name) from None
+        for what in rendered.overrides:
+            self.log.info("rendered config overridden by the MEP", what=what, uep=cmd.name)
+        if rendered.config.get("debug") is True:
+            self.log.info("\n".join(templates.debug_lines(rendered.text)), uep=cmd.name, user=account.pw_name)
+        return rendered
+
+    # -- exits and stopping ----------------------------------------------------------
+
+    def on_exit(self, pid: int, status: int) -> None:
+        uep = self.uep.remove(pid)
+        if uep is None:
+            self.log.warning("exit of an unknown process", pid=pid, status=status)
+            return
+        uep.close_fds()
+        self.log.info("user endpoint exited", pid=pid, status=status, user=uep.username, uep=uep.name,
+                      uptime_s=round(uep.uptime(), 1))
+        if uep.replay is not None and not self.stopping.is_set():
+            self.log.info("replaying the start that arrived while it was running", uep=uep.name)
+            self._spawn_task(self._replay(uep.replay))
+
+    async def _replay(self, cmd) -> None:
+        async with self._locks.setdefault(cmd.name, asyncio.Lock()):
+            try:
+                await self.start(cmd)
+            except Refusal as r:
+                self.log.error("replayed start refused", reason=str(r), **cmd.for_log())
+                await self.notify(cmd.kwargs, r.user_message, who=cmd.effective_identity)
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop_uep(self, uep: UEP, sig: str = "TERM") -> None:
+        uep.stopping = True
+        try:
+            await self.helper.signal(uep.pid, sig)
+        except HelperRefused as e:  # it exited meanwhile
+            self.log.info("signal not delivered", pid=uep.pid, reason=e.reason)
+
+    async def stop(self, grace: float) -> None:
+        """Stop consuming, TERM every UEP, wait up to `grace`, then let the helper KILL the rest."""
+        self.stopping.set()
+        for uep in self.uep:
+            try:
+                await self.stop_uep(uep)
+            except HelperGone:
+                break
+        deadline = asyncio.get_running_loop().time() + grace
+        while len(self.uep) and asyncio.get_running_loop().time() < deadline and not self.helper.closed.done():
+            await asyncio.sleep(0.05)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def load_registration(path) -> dict:
+    """The MEP's registration: its endpoint id and command queue (written by the service
+    client at registration; the same shape as the web service's response)."""
+    data = json.loads(path.read_text())
+    info = data["command_queue_info"]
+    if not (isinstance(info.get("connection_url"), str) and isinstance(info.get("queue"), str)):
+        raise ValueError("command_queue_info needs connection_url and queue")
+    str(data["endpoint_id"])
+    return data
