@@ -47,7 +47,14 @@ class Rendered:
 
 
 def _q(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid double-quoted YAML scalar
+    """A double-quoted YAML scalar holding exactly `text`: printable ASCII as is, every
+    other character escaped (\\uXXXX, \\UXXXXXXXX), so nothing can end the scalar."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        out.append("\\" + ch if ch in '"\\' else ch if 0x20 <= o < 0x7F else
+                   f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+    return '"' + "".join(out) + '"'
 
 
 class UserMap(dict):
@@ -109,8 +116,8 @@ def _shell_escape(value):
     if not isinstance(value, str):
         return value
     try:
-        loaded = json.loads(value)
-    except ValueError:
+        loaded = yaml.safe_load(value)  # undo _q()
+    except yaml.YAMLError:
         return value
     return _q(shlex.quote(loaded)) if isinstance(loaded, str) else value
 

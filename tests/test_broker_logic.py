@@ -1,0 +1,178 @@
+"""Pure broker logic: start-command checks, config.yaml errors, identity mapping (the
+seed's examples), failure notice bytes."""
+
+import json
+import time
+import uuid
+
+import pytest
+
+from broker import commands, config, idmap, notices
+
+IDENT = {"id": "1c6dbe57-4a3e-44e5-826e-0280003585ae", "sub": "1c6dbe57-4a3e-44e5-826e-0280003585ae",
+         "username": "jess@example.org", "status": "used", "identity_provider": "62dc25b7-c693-4528-831b-4557a7a0d1e4"}
+UNI = {"id": "d427502d-722b-4361-ad34-9327010a7b81", "sub": "d427502d-722b-4361-ad34-9327010a7b81",
+       "username": "jessica.jazz.jess@university.example.edu", "status": "used",
+       "identity_provider": "09a7033a-b53b-44e2-8c71-b60f0468df07"}
+
+
+def body(**over):
+    msg = {"command": "cmd_start_endpoint", "args": [],
+           "kwargs": {"name": str(uuid.uuid4()), "amqp_creds": {"endpoint_id": "e", "heartbeat_queue_info": {}},
+                      "user_opts": {"a": 1}, "user_runtime": {}},
+           "globus_effective_identity": IDENT["id"], "globus_identity_set": [IDENT], "globus_username": "jess"}
+    msg.update(over)
+    return json.dumps(msg).encode()
+
+
+def test_a_good_command_parses():
+    cmd = commands.parse(body(), "application/json", time.time())
+    assert cmd.user_opts == {"a": 1} and cmd.identity_set == [IDENT] and cmd.endpoint_id == "e"
+
+
+@pytest.mark.parametrize("raw, ctype, skew, message", [
+    (body(), "text/plain", 0, "expecting JSON"),
+    (b"{nope", "application/json", 0, "Unable to deserialize"),
+    (b"[1]", "application/json", 0, "Unable to deserialize"),
+    (body(), "application/json", 181, "Command too old"),
+    (body(), "application/json", -181, "Command too old"),
+    (body(command="cmd_shell"), "application/json", 0, "Unknown or invalid command"),
+    (body(globus_identity_set="x"), "application/json", 0, "not a list of identities"),
+    (json.dumps({"command": "cmd_start_endpoint", "kwargs": {"name": "x"}}).encode(), "application/json", 0,
+     "KeyError"),
+])
+def test_bad_commands_are_refused_with_a_reason(raw, ctype, skew, message):
+    with pytest.raises(commands.CommandRejected, match=message):
+        commands.parse(raw, ctype, time.time() - skew)
+
+
+@pytest.mark.parametrize("name", ["../etc", "-rf", "", "a/b", "x" * 129, 5])
+def test_uep_names_are_checked_early(name):
+    raw = json.loads(body())
+    raw["kwargs"]["name"] = name
+    with pytest.raises(commands.CommandRejected, match="endpoint name"):
+        commands.parse(json.dumps(raw).encode(), "application/json", time.time())
+
+
+def test_rejection_keeps_kwargs_for_the_notice():
+    with pytest.raises(commands.CommandRejected) as e:
+        commands.parse(body(command="bad"), "application/json", time.time())
+    assert "amqp_creds" in e.value.kwargs
+
+
+def test_status_report_bytes_match_globus_compute_common():
+    raw = notices.status_report("00000000-0000-0000-0000-000000000001", "x")
+    # the bytes globus-compute-common 1.0 packs for the same EPStatusReport
+    assert raw == (b'\x01{"message_type":"ep_status_report","data":{"endpoint_id":"00000000-0000-0000-0000-'
+                   b'000000000001","global_state":{"error":"x","heartbeat_period":3},"task_statuses":{}}}')
+    assert notices.start_failed("jessica", "(PermissionError) see your system administrator") == \
+        "Unable to start user endpoint process for jessica [(PermissionError) see your system administrator]"
+
+
+def write_config(tmp_path, text):
+    (tmp_path / "config.yaml").write_text(text)
+    return tmp_path
+
+
+def test_config_loads_upstream_keys(tmp_path):
+    cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: idmap.json\n"
+                                          "display_name: HPC\npam: {enable: true}\nallowed_functions: "
+                                          "['00000000-0000-0000-0000-000000000001']\n"))
+    assert cfg.identity_mapping_config_path == tmp_path / "idmap.json"
+    assert cfg.pam.enable and cfg.pam.service_name == "globus-compute-endpoint"
+    assert cfg.allowed_functions == ("00000000-0000-0000-0000-000000000001",)
+    assert cfg.user_config_template_path == tmp_path / "user_config_template.yaml.j2"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("multi_user: true\nidentity_mapping_config_path: x\ndisplay_nmae: y\n", "unknown key 'display_nmae' .did you mean 'display_name'"),
+    ("multi_user: true\nidentity_mapping_config_path: x\nengine: {type: x}\n", "configures a user endpoint.*move it to user_config_template"),
+    ("multi_user: true\nidentity_mapping_config_path: x\nhigh_assurance: 'yes'\n", "high_assurance is 'yes' .str.; write true or false"),
+    ("multi_user: true\nidentity_mapping_config_path: x\nheartbeat_period: -1\n", "heartbeat_period is -1"),
+    ("multi_user: true\nidentity_mapping_config_path: x\nsubscription_id: nope\n", "write a Globus subscription id"),
+    ("multi_user: true\n", "identity_mapping_config_path is required"),
+    ("display_name: x\nidentity_mapping_config_path: x\n", "multi_user must be true"),
+    ("multi_user: true\nidentity_mapping_config_path: x\nhigh_assurance: true\n", "high_assurance needs subscription_id"),
+    ("multi_user: true\nidentity_mapping_config_path: x\npam: {enabled: true}\n", "pam: unknown key 'enabled'"),
+    ("- a list\n", "top level must be a mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_config_errors_name_file_key_and_fix(tmp_path, text, message):
+    with pytest.raises(config.ConfigError, match=message) as e:
+        config.load_config(write_config(tmp_path, text))
+    assert str(tmp_path / "config.yaml") in str(e.value)
+
+
+def test_missing_config_says_how_to_create_it(tmp_path):
+    with pytest.raises(config.ConfigError, match="mepctl configure --multi-user"):
+        config.load_config(tmp_path / "nope")
+
+
+def mappers(tmp_path, documents):
+    path = tmp_path / "idmap.json"
+    path.write_text(json.dumps(documents))
+    return idmap.load(path, "ep")
+
+
+def test_seed_example_maps_as_it_says(tmp_path):
+    """The configure example: jessica@example.com -> jessica; nothing else."""
+    from broker import seed
+    path = tmp_path / "example.json"
+    path.write_text(seed.IDMAP_EXAMPLE)
+    m = idmap.load(path, "ep")
+    got = idmap.map_identity_set(m, [dict(IDENT, username="jessica@example.com")])
+    assert got.username == "jessica" and got.identity == IDENT["id"]
+    assert idmap.map_identity_set(m, [dict(IDENT, username="jessica@example.org")]) is None
+
+
+def test_upstream_docstring_examples_and_first_match(tmp_path):
+    """identity_mapper.py's example: the university rule maps the second identity; after
+    the edit to example.org, the first identity maps instead."""
+    uni = [{"DATA_TYPE": "expression_identity_mapping#1.0.0",
+            "mappings": [{"source": "{username}", "match": r"(.*)@university\.example\.edu", "output": "{0}"}]}]
+    assert idmap.map_identity_set(mappers(tmp_path, uni), [IDENT, UNI]).username == "jessica.jazz.jess"
+    org = [{"DATA_TYPE": "expression_identity_mapping#1.0.0",
+            "mappings": [{"source": "{username}", "match": r"(.*)@example\.org", "output": "{0}"}]}]
+    assert idmap.map_identity_set(mappers(tmp_path, org), [IDENT, UNI]).username == "jess"
+    both = mappers(tmp_path, org + uni)  # first mapper wins
+    got = idmap.map_identity_set(both, [UNI, IDENT])
+    assert got.username == "jess" and got.rule == "mapper 1 (expression_identity_mapping#1.0.0) rule 1"
+    assert got.candidates == [[{IDENT["id"]: ["jess"]}], [{UNI["id"]: ["jessica.jazz.jess"]}]]
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("not json", "not valid JSON"), ("[]", "non-empty JSON list"), ('[{"DATA_TYPE": "nope#1"}]', "unknown DATA_TYPE"),
+    ('[{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": [{"source": "{username}", "match": "\\\\q", '
+     '"output": "x"}]}]', "invalid mapping document"),
+])
+def test_invalid_mapping_files_are_refused(tmp_path, doc, message):
+    path = tmp_path / "m.json"
+    path.write_text(doc)
+    with pytest.raises(idmap.MappingConfigError, match=message):
+        idmap.load(path, "ep")
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, event, **kw):
+        self.lines.append(("info", event))
+
+    def error(self, event, **kw):
+        self.lines.append(("error", event))
+
+
+def test_reload_keeps_old_mapping_on_invalid_missing_and_unreadable(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(seed_doc := json.dumps([{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": [
+        {"source": "{username}", "match": r"(.*)@example\.org", "output": "{0}"}]}]))
+    log = Log()
+    mapper = idmap.IdentityMapper(path, "ep", log)
+    path.write_text("[")
+    assert mapper.reload_if_changed() is False and mapper.map([IDENT]).username == "jess"
+    path.unlink()
+    assert mapper.reload_if_changed() is False and mapper.map([IDENT]).username == "jess"
+    path.write_text(seed_doc.replace("example", "elsewhere"))
+    assert mapper.reload_if_changed() is True and mapper.map([IDENT]) is None
+    assert [level for level, _ in log.lines] == ["error", "error", "info"]

@@ -1,0 +1,155 @@
+"""Template rendering (pure logic): no user option key or value can add or change YAML
+structure; reserved names, schema, StrictUndefined, high_assurance, allowed_functions."""
+
+import json
+import pathlib
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import templates
+from broker.templates import TemplateRefused
+
+TEMPLATE = """\
+engine:
+  type: ThreadPoolEngine
+  max_workers: {{ max_workers | default(1) }}
+worker_init: {{ worker_init | default("") }}
+labels:
+{%- for k, v in labels.items() %}
+  {{ k }}: {{ v }}
+{%- endfor %}
+partition: {{ provider.partition }}
+as_text: {{ provider }}
+setup: {{ cmd | shell_escape }}
+"""
+IDENTITY = {"local": {"uname": "jessica", "uid": 1234}, "globus": {"id": "abc"}}
+INJECTIONS = ["a\nb: c", "x: y", "{a: b}", "- item", "&anchor", "*anchor", "!!python/object:os.system", "{{ 7*7 }}",
+              "'quoted'", '"dq"', "#comment", "| block", "> folded", "\\", "\x85nel", "key: [1, 2]", "?", "%TAG"]
+
+
+def render(tmp_path, template=TEMPLATE, schema=None, high_assurance=False, allowed_functions=None, **opts):
+    t = tmp_path / "user_config_template.yaml.j2"
+    t.write_text(template)
+    s = tmp_path / "user_config_schema.json"
+    if schema is not None:
+        s.write_text(json.dumps(schema))
+    elif s.exists():
+        s.unlink()
+    base = {"labels": {}, "provider": {"partition": "debug"}, "cmd": "echo hi"}
+    return templates.render(t, s, user_opts={**base, **opts}, user_runtime={}, mapped_identity=IDENTITY,
+                            parent_config={}, high_assurance=high_assurance, allowed_functions=allowed_functions)
+
+
+def structure(config: dict):
+    return {k: sorted(v) if isinstance(v, dict) else type(v).__name__ for k, v in config.items()}
+
+
+@pytest.mark.parametrize("evil", INJECTIONS)
+def test_values_and_keys_cannot_change_structure(tmp_path, evil):
+    benign = render(tmp_path, worker_init="ok", labels={"team": "x"}, provider={"partition": "p"}, cmd="c").config
+    got = render(tmp_path, worker_init=evil, labels={evil: evil}, provider={"partition": evil}, cmd=evil).config
+    assert set(got) == set(benign)
+    assert got["worker_init"] == evil and got["partition"] == evil
+    assert got["labels"] == {evil: evil}  # the key arrives as a quoted key, verbatim
+    assert got["engine"] == {"type": "ThreadPoolEngine", "max_workers": 1}
+    assert json.loads(got["as_text"]) if isinstance(got["as_text"], str) else got["as_text"] == {"partition": evil}
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=st.text(max_size=40), key=st.text(min_size=1, max_size=20))
+def test_any_text_round_trips_as_data(tmp_path_factory, value, key):
+    tmp_path = tmp_path_factory.mktemp("t")
+    got = render(tmp_path, worker_init=value, labels={key: value}).config
+    assert sorted(got) == ["as_text", "engine", "labels", "partition", "setup", "worker_init"]
+    assert got["worker_init"] == value and got["labels"] == {key: value}
+
+
+def test_shell_escape_filter_quotes_for_a_shell(tmp_path):
+    got = render(tmp_path, cmd="x; rm -rf ~").config
+    assert got["setup"] == "'x; rm -rf ~'"
+
+
+@pytest.mark.parametrize("name", ["_GC", "parent_config", "user_runtime", "mapped_identity"])
+def test_reserved_names_are_refused(tmp_path, name):
+    with pytest.raises(TemplateRefused, match=f"'{name}' is a reserved word"):
+        render(tmp_path, **{name: "x"})
+
+
+@pytest.mark.parametrize("name", ["a-b", "1x", "a b", "a\nb: c", "x" * 65])
+def test_top_level_names_must_be_identifiers(tmp_path, name):
+    with pytest.raises(TemplateRefused, match="is not allowed"):
+        render(tmp_path, **{name: "v"})
+
+
+def test_schema_validation_and_additional_properties(tmp_path):
+    schema = {"type": "object", "properties": {"max_workers": {"type": "integer", "maximum": 4}},
+              "additionalProperties": True}
+    assert render(tmp_path, schema=schema, max_workers=2, extra="fine").config["engine"]["max_workers"] == 2
+    with pytest.raises(TemplateRefused, match="max_workers is invalid: 9 is greater than the maximum of 4"):
+        render(tmp_path, schema=schema, max_workers=9)
+    closed = dict(schema, additionalProperties=False)
+    with pytest.raises(TemplateRefused, match="Additional properties are not allowed"):
+        render(tmp_path, schema=closed, extra="no")
+
+
+def test_broken_schema_is_an_admin_error(tmp_path):
+    with pytest.raises(TemplateRefused) as e:
+        render(tmp_path, schema={"type": "no-such-type"})
+    assert "contact the endpoint administrator" in e.value.user_message
+    assert "not a valid JSON schema" in str(e.value)
+
+
+def test_missing_option_is_reported_by_name(tmp_path):
+    with pytest.raises(TemplateRefused, match="missing required user config option: 'account' is undefined"):
+        render(tmp_path, template="engine: {type: x}\naccount: {{ account }}\n")
+
+
+def test_sandbox_blocks_python_internals(tmp_path):
+    with pytest.raises(TemplateRefused) as e:
+        render(tmp_path, template="x: {{ ''.__class__.__mro__[1].__subclasses__() }}\n")
+    assert "not allowed" in e.value.user_message
+
+
+def test_high_assurance_is_set_by_the_mep_only(tmp_path):
+    with pytest.raises(TemplateRefused, match="`high_assurance` may not be specified"):
+        render(tmp_path, template="high_assurance: false\nengine: {type: x}\n")
+    got = render(tmp_path, template="engine: {type: x}\n", high_assurance=True)
+    assert got.text.startswith("high_assurance: true\n") and got.config["high_assurance"] is True
+
+
+def test_mep_allowed_functions_override_the_template(tmp_path):
+    mine = ["00000000-0000-0000-0000-000000000001"]
+    got = render(tmp_path, template="engine: {type: x}\nallowed_functions: [a, b]\n", allowed_functions=mine)
+    assert yaml.safe_load(got.text)["allowed_functions"] == mine and got.overrides
+
+
+def test_rendered_config_must_be_a_mapping(tmp_path):
+    with pytest.raises(TemplateRefused, match="not a mapping"):
+        render(tmp_path, template="- just\n- a list\n")
+
+
+def test_reserved_variables_reach_the_template(tmp_path):
+    got = render(tmp_path, template="engine: {type: x}\nwho: {{ _GC.mapped_identity.local.uname }}\n"
+                 "who2: {{ mapped_identity.globus.id }}\n")
+    assert got.config["who"] == "jessica" and got.config["who2"] == "abc"
+
+
+def test_debug_lines_use_the_seed_sentinels():
+    lines = templates.debug_lines("a: 1\nb: 2")
+    assert lines[0] == "Begin Compute endpoint configuration (2 lines):"
+    assert lines[1:3] == ["  | a: 1", "  | b: 2"] and lines[-1] == "End Compute endpoint configuration"
+
+
+def test_default_template_of_configure_renders_without_options(tmp_path):
+    """The template `mepctl configure` writes runs with no options and no scheduler."""
+    from broker import seed
+    (tmp_path / "t.j2").write_text(seed.USER_CONFIG_TEMPLATE)
+    (tmp_path / "s.json").write_text(seed.USER_CONFIG_SCHEMA)
+    got = templates.render(tmp_path / "t.j2", tmp_path / "s.json", user_opts={}, user_runtime={},
+                           mapped_identity=IDENTITY, parent_config={}, high_assurance=False, allowed_functions=None)
+    assert got.config["engine"]["type"] in ("ThreadPoolEngine", "ProcessPoolEngine")
+    assert pathlib.Path  # the template needs no provider section
+    assert "provider" not in got.config["engine"]
