@@ -16,6 +16,7 @@ import socket
 import sys
 
 from broker import logs
+from broker.audit import AuditLog
 from broker.config import REGISTRATION, ConfigError, load_config
 from broker.helper_client import HelperClient
 from broker.idmap import IdentityMapper, MappingConfigError
@@ -61,8 +62,16 @@ async def run(args) -> int:
         fd = sock.detach()
     else:
         fd = int(os.environ.pop("MEP_HELPER_FD"))
+    audit = None
+    if config.high_assurance and config.audit_log_path:
+        try:
+            audit = AuditLog(config.audit_log_path, str(registration["endpoint_id"]), log)
+        except OSError as e:
+            log.error("cannot open the audit log; a high-assurance MEP does not start without it",
+                      path=str(config.audit_log_path), error=e.strerror)
+            return EX_CONFIG
     helper = await HelperClient.connect_fd(fd, key)
-    mep = MEP(config, registration, helper, idmap, log)
+    mep = MEP(config, registration, helper, idmap, log, audit)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(sig, lambda s=sig: (log.info("stop signal", signal=signal.Signals(s).name),
@@ -81,6 +90,8 @@ async def run(args) -> int:
         code = code or EX_UNAVAILABLE
     await mep.stop(config.mu_child_ep_grace_period_s)
     watcher.cancel()
+    if audit is not None:
+        audit.close()
     helper.close()
     log.info("broker stopped", code=code)
     return code

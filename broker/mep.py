@@ -52,8 +52,10 @@ def load_user_environment(path) -> dict:
 
 
 class MEP:
-    def __init__(self, config: MEPConfig, registration: dict, helper: HelperClient, idmap: IdentityMapper, log):
+    def __init__(self, config: MEPConfig, registration: dict, helper: HelperClient, idmap: IdentityMapper, log,
+                 audit=None):
         self.config, self.registration, self.helper, self.idmap, self.log = config, registration, helper, idmap, log
+        self.audit = audit  # an AuditLog for a high-assurance MEP with audit_log_path
         self.endpoint_id = str(registration["endpoint_id"])
         self.uep = Registry()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -131,6 +133,9 @@ class MEP:
             self.log.info("user endpoint already running; credentials refreshed, start cached in case it is stopping",
                           pid=running.pid, user=running.username, **cmd.for_log())
             return
+        if self.audit is not None and self.audit.broken:
+            raise Refusal(notices.start_failed(account.pw_name, "the endpoint's audit log is unavailable; contact the "
+                                               "endpoint administrator"), f"audit log broken: {self.audit.broken}")
         rendered = self.render(cmd, account, mapped)
         env = load_user_environment(self.config.user_environment_path)
         env.setdefault("GLOBUS_COMPUTE_ENDPOINT_NAME", cmd.name)
@@ -140,7 +145,7 @@ class MEP:
         if isinstance(cmd.user_runtime.get("globus_compute_sdk_version"), str):
             env.setdefault("GC_USER_SDK_VERSION", cmd.user_runtime["globus_compute_sdk_version"])
         enckey = Fernet.generate_key()
-        audit = bool(self.config.high_assurance and self.config.audit_log_path)
+        audit = self.audit is not None
         stdin = stdin_document(amqp_creds=cmd.amqp_creds, config_text=rendered.text, posix_ppid=os.getpid(),
                                candidates=mapped.candidates, matched_identity=mapped.identity, enckey=enckey,
                                allowed_functions=self.config.allowed_functions, audit=audit)
@@ -152,8 +157,10 @@ class MEP:
                           f"helper refused: ({e.code}) {e.reason}", user=account.pw_name) from None
         uep = UEP(name=cmd.name, username=account.pw_name, uid=account.pw_uid, pid=result.pid,
                   endpoint_id=cmd.endpoint_id, identity=mapped.identity, enckey=enckey,
-                  cred_fd=result.fds.get("cred"), audit_fd=result.fds.get("audit"))
+                  cred_fd=result.fds.get("cred"), audit_fd=None, audit_pipe=result.fds.get("audit"))
         uep.write_credentials(cmd.amqp_creds)
+        if uep.audit_pipe is not None:
+            self.audit.watch(uep.audit_pipe, uep)
         self.uep.add(uep)
         self.log.info("user endpoint started", pid=uep.pid, user=uep.username, uid=uep.uid, rule=mapped.rule,
                       **cmd.for_log())
@@ -210,6 +217,8 @@ class MEP:
             self.log.warning("exit of an unknown process", pid=pid, status=status)
             return
         uep.close_fds()
+        if self.audit is not None and uep.audit_pipe is not None:
+            self.audit.drain(uep.audit_pipe)
         self.log.info("user endpoint exited", pid=pid, status=status, user=uep.username, uep=uep.name,
                       uptime_s=round(uep.uptime(), 1))
         if uep.replay is not None and not self.stopping.is_set():

@@ -32,6 +32,7 @@ class UEP:
     started: float = attrs.field(factory=time.time)
     stopping: bool = False
     replay: object = None  # the last StartCommand that arrived while this UEP ran
+    audit_pipe: int | None = None  # owned by the AuditLog once watched
 
     def uptime(self) -> float:
         return time.time() - self.started

@@ -151,7 +151,7 @@ class Monitor:
 
     def make_channels(self, msg: Spawn):
         """stdin: a sealed read-only memfd holding the payload; cred: a memfd the broker
-        writes and the UEP reads; audit: a pipe the UEP writes and the broker reads."""
+        writes and the UEP reads; audit: a packet pipe the UEP writes and the broker reads."""
         stdin = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.write(stdin, msg.stdin)
         fcntl.fcntl(stdin, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
@@ -162,7 +162,7 @@ class Monitor:
             child_fds["cred"] = _child_end(cred)
             broker_fds.append(cred)
         if "audit" in msg.channels:
-            audit_r, child_fds["audit"] = os.pipe2(os.O_CLOEXEC)
+            audit_r, child_fds["audit"] = os.pipe2(os.O_CLOEXEC | os.O_DIRECT)  # packets: one record per read
             broker_fds.append(audit_r)
         return child_fds, broker_fds
 

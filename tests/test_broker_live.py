@@ -202,3 +202,28 @@ def test_identity_mapping_hot_reload(live, accounts):
     third = mep.command("mept-bob@other.example")
     mep.publish(third)
     wait_for(lambda: len(mep.reports_now()) == 2, what="bob's UEP under the kept mapping")
+
+
+def test_high_assurance_audit_log(live, accounts, rigdir):
+    """Created 0600 by the broker, Begin/End sentinels, one line per record the UEP writes
+    to its audit pipe (fd 4), with the UEP's uid, pid and id; the stdin document says
+    audit_fd 4 and high_assurance is prefixed to the config."""
+    audit_dir = rigdir.path / f"audit-{os.urandom(3).hex()}"
+    audit_dir.mkdir()
+    os.chown(audit_dir, accounts.broker.pw_uid, accounts.broker.pw_gid)
+    audit_log = audit_dir / "audit.log"
+    mep = live(config={"high_assurance": True, "subscription_id": "00000000-0000-0000-0000-000000000002",
+                       "audit_log_path": str(audit_log)},
+               environment={"PROBE_REPORT_DIR": "", "PROBE_ACTION": json.dumps({"sleep": 1})})
+    cmd = mep.command("mept-alice@example.org")
+    mep.publish(cmd)
+    line = wait_for(lambda: [x for x in audit_log.read_text().splitlines() if " uep=" in x], what="an audit line")[0]
+    st = os.stat(audit_log)
+    assert (st.st_uid, st.st_mode & 0o777) == (accounts.broker.pw_uid, 0o600)
+    record = json.loads(line.split(f"uep={cmd['kwargs']['name']} ", 1)[1])
+    assert f"uid={accounts.alice.pw_uid} pid={record['pid']} uep=" in line
+    doc = json.loads(record["stdin"])
+    assert doc["audit_fd"] == 4 and doc["config"].startswith("high_assurance: true\n")
+    assert mep.stop() == 0
+    lines = audit_log.read_text().splitlines()
+    assert lines[0].endswith("Begin MEP session =====") and lines[-1].endswith("End MEP session -----")
