@@ -217,11 +217,7 @@ class LiveMEP:
                 os.kill(self.broker_pid(), sig)
             except AssertionError:
                 self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            rig.reap(self.proc, 30)
         self.helper_log.close()
         try:
             asyncio.run(_delete(*self.queues))

@@ -201,12 +201,17 @@ class Helper:
             self.sock.close()
         except OSError:
             pass
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, 15)
         self.log.close()
+
+
+def reap(proc: subprocess.Popen, timeout: float) -> int:
+    """Wait for `proc`; KILL it if it has not ended within `timeout` seconds."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 class Client:
