@@ -58,7 +58,7 @@ class MEP:
         self.audit = audit  # an AuditLog for a high-assurance MEP with audit_log_path
         self.endpoint_id = str(registration["endpoint_id"])
         self.uep = Registry()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, list]] = {}  # UEP name -> (lock, [users]); dropped when unused
         self._tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
         helper.on_exit = self.on_exit
@@ -103,12 +103,23 @@ class MEP:
         except commands.CommandRejected as e:
             self.log.error("start command refused", reason=e.log_detail)
             return await self.notify(e.kwargs, str(e), who="(unparsed command)")
-        async with self._locks.setdefault(cmd.name, asyncio.Lock()):
-            try:
+        await self.serve_start(cmd)
+
+    async def serve_start(self, cmd: commands.StartCommand, replayed: bool = False) -> None:
+        """One start at a time per UEP name; a refusal is logged and sent to the user."""
+        lock, users = self._locks.setdefault(cmd.name, (asyncio.Lock(), []))
+        users.append(None)
+        try:
+            async with lock:
                 await self.start(cmd)
-            except Refusal as r:
-                self.log.error("user endpoint not started", reason=str(r), **cmd.for_log(), **r.log_fields)
-                await self.notify(cmd.kwargs, r.user_message, who=cmd.effective_identity)
+        except Refusal as r:
+            self.log.error("user endpoint not started", replayed=replayed, reason=str(r), **cmd.for_log(),
+                           **r.log_fields)
+            await self.notify(cmd.kwargs, r.user_message, who=cmd.effective_identity)
+        finally:
+            users.pop()
+            if not users:
+                del self._locks[cmd.name]
 
     async def notify(self, kwargs: dict, message: str, who: str) -> None:
         creds = kwargs.get("amqp_creds") if isinstance(kwargs, dict) else None
@@ -139,7 +150,7 @@ class MEP:
         rendered = self.render(cmd, account, mapped)
         env = load_user_environment(self.config.user_environment_path)
         env.setdefault("GLOBUS_COMPUTE_ENDPOINT_NAME", cmd.name)
-        python = cmd.user_runtime.get("python") if isinstance(cmd.user_runtime, dict) else None
+        python = cmd.user_runtime.get("python")  # a dict: render() refused anything else
         if isinstance(python, dict) and isinstance(python.get("version"), str):
             env.setdefault("GC_USER_PYTHON_VERSION", python["version"])
         if isinstance(cmd.user_runtime.get("globus_compute_sdk_version"), str):
@@ -157,7 +168,7 @@ class MEP:
                           f"helper refused: ({e.code}) {e.reason}", user=account.pw_name) from None
         uep = UEP(name=cmd.name, username=account.pw_name, uid=account.pw_uid, pid=result.pid,
                   endpoint_id=cmd.endpoint_id, identity=mapped.identity, enckey=enckey,
-                  cred_fd=result.fds.get("cred"), audit_fd=None, audit_pipe=result.fds.get("audit"))
+                  cred_fd=result.fds.get("cred"), audit_pipe=result.fds.get("audit"))
         uep.write_credentials(cmd.amqp_creds)
         if uep.audit_pipe is not None:
             self.audit.watch(uep.audit_pipe, uep)
@@ -216,22 +227,14 @@ class MEP:
         if uep is None:
             self.log.warning("exit of an unknown process", pid=pid, status=status)
             return
-        uep.close_fds()
+        uep.close_cred()
         if self.audit is not None and uep.audit_pipe is not None:
             self.audit.drain(uep.audit_pipe)
         self.log.info("user endpoint exited", pid=pid, status=status, user=uep.username, uep=uep.name,
                       uptime_s=round(uep.uptime(), 1))
         if uep.replay is not None and not self.stopping.is_set():
             self.log.info("replaying the start that arrived while it was running", uep=uep.name)
-            self._spawn_task(self._replay(uep.replay))
-
-    async def _replay(self, cmd) -> None:
-        async with self._locks.setdefault(cmd.name, asyncio.Lock()):
-            try:
-                await self.start(cmd)
-            except Refusal as r:
-                self.log.error("replayed start refused", reason=str(r), **cmd.for_log())
-                await self.notify(cmd.kwargs, r.user_message, who=cmd.effective_identity)
+            self._spawn_task(self.serve_start(uep.replay, replayed=True))
 
     def _spawn_task(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -239,7 +242,6 @@ class MEP:
         task.add_done_callback(self._tasks.discard)
 
     async def stop_uep(self, uep: UEP, sig: str = "TERM") -> None:
-        uep.stopping = True
         try:
             await self.helper.signal(uep.pid, sig)
         except HelperRefused as e:  # it exited meanwhile
@@ -266,6 +268,7 @@ def load_registration(path) -> dict:
     data = json.loads(path.read_text())
     info = data["command_queue_info"]
     if not (isinstance(info.get("connection_url"), str) and isinstance(info.get("queue"), str)):
-        raise ValueError("command_queue_info needs connection_url and queue")
-    str(data["endpoint_id"])
+        raise ValueError(f"{path}: command_queue_info needs connection_url and queue")
+    if "endpoint_id" not in data:
+        raise ValueError(f"{path}: endpoint_id is missing")
     return data

@@ -28,11 +28,9 @@ class UEP:
     identity: str
     enckey: bytes
     cred_fd: int | None
-    audit_fd: int | None
+    audit_pipe: int | None = None  # owned by the AuditLog, which closes it at EOF
     started: float = attrs.field(factory=time.time)
-    stopping: bool = False
     replay: object = None  # the last StartCommand that arrived while this UEP ran
-    audit_pipe: int | None = None  # owned by the AuditLog once watched
 
     def uptime(self) -> float:
         return time.time() - self.started
@@ -44,11 +42,10 @@ class UEP:
         os.lseek(self.cred_fd, 0, os.SEEK_SET)
         os.write(self.cred_fd, token)
 
-    def close_fds(self) -> None:
-        for attr in ("cred_fd", "audit_fd"):
-            if (fd := getattr(self, attr)) is not None:
-                os.close(fd)
-                setattr(self, attr, None)
+    def close_cred(self) -> None:
+        if self.cred_fd is not None:
+            os.close(self.cred_fd)
+            self.cred_fd = None
 
 
 class Registry:
