@@ -24,12 +24,13 @@ def _now() -> str:
 
 
 class AuditLog:
-    def __init__(self, path, endpoint_id: str, log):
+    def __init__(self, path, endpoint_id: str, log, resumed: bool = False):
         self.path, self.endpoint_id, self.log = path, endpoint_id, log
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.broken: str | None = None
         self._readers: dict[int, object] = {}
-        self._line(f"uid={os.getuid()} pid={os.getpid()} eid={endpoint_id} Begin MEP session =====")
+        if not resumed:  # a SIGHUP re-exec continues the same MEP session
+            self._line(f"uid={os.getuid()} pid={os.getpid()} eid={endpoint_id} Begin MEP session =====")
 
     def _line(self, text: str) -> None:
         if self.broken:
@@ -60,6 +61,9 @@ class AuditLog:
         text = record.replace(b"\n", b" ").replace(b"\r", b"").replace(b"\0", b"").decode("utf-8", "replace")
         self._line(f"uid={uep.uid} pid={uep.pid} uep={uep.endpoint_id} {text}")
         return True
+
+    def watching(self, fd) -> bool:
+        return fd in self._readers
 
     def drain(self, fd: int) -> None:
         """The UEP exited: copy what it left in the pipe, then close it."""

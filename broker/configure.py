@@ -7,6 +7,7 @@ Who owns what, and why:
   helper-policy.toml          root:root 0644   the only input the root helper trusts
   helper.key                  root:BROKER 0640 32 random bytes; the broker proves it holds them
   endpoint.log                BROKER:BROKER 0640  the one file the broker writes here
+  run/                        BROKER:BROKER 0700  the broker's admin socket (root and the broker only)
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
         uep_argv=json.dumps([uep_executable, "_start-user-endpoint", "{name}"]), pam_enable=str(pam).lower(),
         pam_service=pam_service))
     _write(conf_dir / "endpoint.log", "", 0o640, (broker.pw_uid, broker.pw_gid))
+    (conf_dir / "run").mkdir(mode=0o700)
+    os.chown(conf_dir / "run", broker.pw_uid, broker.pw_gid)
     if high_assurance:
         audit = pathlib.Path(audit_log_path or conf_dir / "audit.log")
         if not audit.exists():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import os
 import socket
 from typing import Callable
@@ -52,7 +51,7 @@ class HelperClient:
         self.closed = asyncio.get_running_loop().create_future()
         self._pending: dict[str, asyncio.Future] = {}
         self._fds: collections.deque[int] = collections.deque()
-        self._ids = itertools.count(1)
+        self.next_req = 1  # request ids go on across a re-exec, for readable logs
         self._send_lock = asyncio.Lock()
         if self.session.state == "ready":
             self.ready.set_result(None)
@@ -63,6 +62,11 @@ class HelperClient:
         client = cls(socket.socket(fileno=fd), key, on_exit)
         await client.ready
         return client
+
+    @property
+    def idle(self) -> bool:
+        """No request awaits its reply (a re-exec may only happen then)."""
+        return not self._pending
 
     # -- requests ---------------------------------------------------------------------
 
@@ -79,7 +83,7 @@ class HelperClient:
     async def _request(self, build):
         if self.closed.done():
             raise HelperGone("the helper connection is closed")
-        req = f"r{next(self._ids)}"
+        req, self.next_req = f"r{self.next_req}", self.next_req + 1
         future = asyncio.get_running_loop().create_future()
         self._pending[req] = future
         async with self._send_lock:

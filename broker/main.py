@@ -2,7 +2,8 @@
 
 Started by the root helper as the broker account, with the helper connection on the fd
 named by MEP_HELPER_FD (socketpair launch) or connected to the helper's socket
-(socket activation, --helper-socket).
+(socket activation, --helper-socket). SIGHUP re-executes it in place (broker/reexec.py);
+SIGTERM, SIGINT and SIGQUIT stop it and every UEP.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import signal
 import socket
 import sys
 
-from broker import logs
+import attrs
+
+from broker import console, logs, reexec
+from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
-from broker.config import REGISTRATION, ConfigError, load_config
+from broker.commands import StartCommand
+from broker.config import REGISTRATION, ConfigError, MEPConfig, load_config
 from broker.helper_client import HelperClient
 from broker.idmap import IdentityMapper, MappingConfigError
 from broker.mep import MEP, load_registration
+from broker.registry import UEP
+from broker.session import BrokerSession
 
-EX_CONFIG, EX_UNAVAILABLE = 78, 69
+EX_SOFTWARE, EX_CONFIG, EX_UNAVAILABLE = 70, 78, 69
+QUIESCE_S = 30  # a reload waits this long for helper requests in flight, else it is postponed
 
 
 def parse_args(argv):
@@ -37,10 +45,66 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@attrs.frozen
+class Setup:
+    """Everything the broker reads at start; a reload reads it again first, to check it."""
+    config: MEPConfig
+    registration: dict
+    idmap: IdentityMapper
+    key: bytes
+
+
+def read_setup(args, log) -> Setup:
+    """Raises ConfigError, MappingConfigError, OSError, ValueError or KeyError, each naming the file."""
+    config = load_config(args.conf_dir)
+    registration = load_registration(config.conf_dir / REGISTRATION)
+    idmap = IdentityMapper(config.identity_mapping_config_path, str(registration["endpoint_id"]), log)
+    return Setup(config, registration, idmap, pathlib.Path(args.key).read_bytes())
+
+
+SETUP_ERRORS = (ConfigError, MappingConfigError, OSError, ValueError, KeyError)
+
+
+def reload_problem(args, running: Setup, log) -> str | None:
+    """Why the configuration on disk cannot replace the running one, or None."""
+    try:
+        new = read_setup(args, log)
+    except SETUP_ERRORS as e:
+        return f"({type(e).__name__}) {e}"
+    if new.config.high_assurance != running.config.high_assurance:
+        return "high_assurance cannot change while the MEP runs (nor after registration)"
+    if str(new.registration["endpoint_id"]) != str(running.registration["endpoint_id"]):
+        return "the endpoint id changed; stop the MEP and start it again"
+    if new.key != running.key:
+        return "the helper key changed; the helper still holds the old one: restart the MEP"
+    return None
+
+
+def connect_helper(args, setup: Setup, state: dict | None):
+    if state is not None:  # a re-exec'd image: go on with the authenticated session
+        session = BrokerSession.resume(setup.key, **state["session"])
+        return HelperClient(socket.socket(fileno=state["helper_fd"]), setup.key, session=session)
+    if args.helper_socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(args.helper_socket)
+        return HelperClient(sock, setup.key)
+    return HelperClient(socket.socket(fileno=int(os.environ.pop(reexec.HELPER_ENV))), setup.key)
+
+
+def restore(mep: MEP, state: dict) -> None:
+    mep.started, mep.helper.next_req = state["started"], state["next_req"]
+    for record in state["ueps"]:
+        uep = UEP.resume(record, StartCommand)
+        mep.uep.add(uep)
+        if uep.audit_pipe is not None and mep.audit is not None:
+            mep.audit.watch(uep.audit_pipe, uep)
+
+
 async def run(args) -> int:
     try:
+        state = reexec.load()
         config = load_config(args.conf_dir)
-    except ConfigError as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"mep-broker: {e}", file=sys.stderr)
         return EX_CONFIG
     try:
@@ -50,51 +114,119 @@ async def run(args) -> int:
         logs.get().error("cannot write endpoint.log; logging to stderr only", error=str(e))
     log = logs.get().bind(mep=config.name)
     try:
-        registration = load_registration(config.conf_dir / REGISTRATION)
-        idmap = IdentityMapper(config.identity_mapping_config_path, str(registration["endpoint_id"]), log)
-        key = pathlib.Path(args.key).read_bytes()
-    except (OSError, ValueError, KeyError, MappingConfigError) as e:
+        setup = read_setup(args, log)
+    except SETUP_ERRORS as e:
         log.error("cannot start", error=f"({type(e).__name__}) {e}")
         return EX_CONFIG
-    if args.helper_socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(args.helper_socket)
-        fd = sock.detach()
-    else:
-        fd = int(os.environ.pop("MEP_HELPER_FD"))
     audit = None
-    if config.high_assurance and config.audit_log_path:
+    if setup.config.high_assurance and setup.config.audit_log_path:
         try:
-            audit = AuditLog(config.audit_log_path, str(registration["endpoint_id"]), log)
+            audit = AuditLog(setup.config.audit_log_path, str(setup.registration["endpoint_id"]), log,
+                             resumed=state is not None)
         except OSError as e:
             log.error("cannot open the audit log; a high-assurance MEP does not start without it",
-                      path=str(config.audit_log_path), error=e.strerror)
+                      path=str(setup.config.audit_log_path), error=e.strerror)
             return EX_CONFIG
-    helper = await HelperClient.connect_fd(fd, key)
-    mep = MEP(config, registration, helper, idmap, log, audit)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        loop.add_signal_handler(sig, lambda s=sig: (log.info("stop signal", signal=signal.Signals(s).name),
-                                                    mep.stopping.set()))
-    watcher = asyncio.ensure_future(idmap.watch())
-    log.info("broker started", uid=os.getuid(), pid=os.getpid(), endpoint_id=mep.endpoint_id,
-             display_name=config.display_name, high_assurance=config.high_assurance)
-    code = 0
-    try:
-        await mep.serve()
-    except Exception as e:  # noqa: BLE001 - say why, then stop every UEP below
-        log.exception("broker failed", error=str(e))
-        code = EX_UNAVAILABLE
-    if helper.closed.done():
-        log.error("the helper connection closed; stopping", reason=str(helper.closed.result()))
-        code = code or EX_UNAVAILABLE
-    await mep.stop(config.mu_child_ep_grace_period_s)
-    watcher.cancel()
-    if audit is not None:
-        audit.close()
-    helper.close()
-    log.info("broker stopped", code=code)
-    return code
+    helper = connect_helper(args, setup, state)
+    await helper.ready
+    mep = MEP(setup.config, setup.registration, helper, setup.idmap, log, audit)
+    if state is not None:
+        restore(mep, state)  # before the loop runs again: an `exited` may be waiting
+    return await Broker(args, setup, mep, log).run(resumed=state is not None)
+
+
+class Broker:
+    """The process around the MEP: signals, admin socket, timer line, reload and stop."""
+
+    def __init__(self, args, setup: Setup, mep: MEP, log):
+        self.args, self.setup, self.mep, self.log = args, setup, mep, log
+        self.admin = AdminServer(socket_path(setup.config.conf_dir), mep, log, self.request_reload)
+
+    def request_reload(self, by: str) -> str | None:
+        """Check the configuration on disk; if it is usable, have serve() return for a
+        re-exec. Returns why not, if not."""
+        problem = reload_problem(self.args, self.setup, self.log)
+        if problem:
+            self.log.error("reload refused; the running configuration stays", requested_by=by, reason=problem)
+        else:
+            self.log.info("reload requested", requested_by=by)
+            self.mep.reloading.set()
+        return problem
+
+    def _signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, lambda s=sig: (self.log.info("stop signal", signal=signal.Signals(s).name),
+                                                        self.mep.stopping.set()))
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+
+    async def run(self, resumed: bool) -> int:
+        mep, log, config = self.mep, self.log, self.setup.config
+        self._signals()
+        background = await self._start_background(resumed)
+        if resumed:
+            log.info("broker re-executed in place", pid=os.getpid(), user_endpoints=len(mep.uep))
+        else:
+            log.info("broker started", uid=os.getuid(), pid=os.getpid(), endpoint_id=mep.endpoint_id,
+                     display_name=config.display_name, high_assurance=config.high_assurance)
+        code = 0
+        while True:
+            try:
+                reason = await mep.serve()
+            except Exception as e:  # noqa: BLE001 - say why, then stop every UEP below
+                log.exception("broker failed", error=str(e))
+                code, reason = EX_UNAVAILABLE, "failed"
+            if reason != "reload":
+                break
+            await self.restart_in_place(background)  # returns only if it could not
+            mep.reloading.clear()
+        if mep.helper.closed.done():
+            log.error("the helper connection closed; stopping", reason=str(mep.helper.closed.result()))
+            code = code or EX_UNAVAILABLE
+        await mep.stop(config.mu_child_ep_grace_period_s)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self.admin.close()
+        if mep.audit is not None:
+            mep.audit.close()
+        mep.helper.close()
+        log.info("broker stopped", code=code)
+        return code
+
+    async def restart_in_place(self, background: list) -> None:
+        """Exec a fresh broker image (same pid); returns only if that could not happen."""
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self.admin.close()
+        if not await self.mep.quiesce(QUIESCE_S):
+            self.log.error("reload postponed: helper requests still in flight; serving on with the running image",
+                           waited_s=QUIESCE_S)
+            background[:] = await self._start_background(resumed=True)
+            return
+        state_fd, keep = reexec.save(self.mep)  # no await between quiesce() and exec
+        self.log.info("re-executing the broker", pid=os.getpid(), user_endpoints=len(self.mep.uep))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            reexec.exec_self(state_fd, keep)
+        except OSError as e:
+            self.log.error("re-exec failed; serving on with the running image", error=str(e))
+        background[:] = await self._start_background(resumed=True)
+
+    async def _start_background(self, resumed: bool) -> list:
+        try:
+            await self.admin.start()
+        except (AdminError, OSError) as e:
+            self.log.error("no admin socket; mepctl cannot reach this broker (it serves users regardless)",
+                           error=str(e))
+        background = [asyncio.ensure_future(self.mep.idmap.watch())]
+        if sys.stderr.isatty():
+            if not resumed:
+                print(console.banner(self.mep.endpoint_id), file=sys.stderr)
+            background.append(asyncio.ensure_future(console.run_timer(sys.stderr, self.mep)))
+        return background
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import pwd
+import time
 
 import aio_pika
 import yaml
@@ -60,40 +61,76 @@ class MEP:
         self.uep = Registry()
         self._locks: dict[str, tuple[asyncio.Lock, list]] = {}  # UEP name -> (lock, [users]); dropped when unused
         self._tasks: set[asyncio.Task] = set()
-        self.stopping = asyncio.Event()
+        self._in_hand = 0  # commands being served
+        self.stopping, self.reloading = asyncio.Event(), asyncio.Event()
+        self.draining = False
+        self.amqp = None  # the robust connection while serving
+        self.started = time.time()
         helper.on_exit = self.on_exit
 
     # -- AMQP ------------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Consume commands until stop() or until the helper goes away."""
+    async def serve(self) -> str:
+        """Consume commands until a stop, a reload or the loss of the helper; returns
+        "stop", "reload" or "helper-gone". Commands in hand are finished first; commands
+        delivered but not begun stay unacked and go back to the queue."""
         info = self.registration["command_queue_info"]
-        connection = await aio_pika.connect_robust(info["connection_url"])
+        self.draining = False
+        connection = await aio_pika.connect_robust(info["connection_url"], client_properties={
+            "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})  # what rabbitmqctl shows
         connection.reconnect_callbacks.add(lambda *_: self.log.warning("AMQP connection re-established"))
-        connection.close_callbacks.add(lambda _c, exc: exc and self.log.warning("AMQP connection lost; reconnecting",
-                                                                                error=str(exc)))
+        connection.close_callbacks.add(lambda _c, exc: exc and not self.draining and self.log.warning(
+            "AMQP connection lost; reconnecting", error=f"({type(exc).__name__}) {exc}"))
+        self.amqp = connection
         async with connection:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=PREFETCH)
             queue = await channel.declare_queue(info["queue"], passive=True)
             tag = await queue.consume(self.on_message)
             self.log.info("consuming start commands", queue=info["queue"], endpoint_id=self.endpoint_id)
-            done = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait([done, self.helper.closed], return_when=asyncio.FIRST_COMPLETED)
-            await queue.cancel(tag)
-            done.cancel()
+            waits = {asyncio.ensure_future(self.stopping.wait()): "stop",
+                     asyncio.ensure_future(self.reloading.wait()): "reload", self.helper.closed: "helper-gone"}
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            reason = waits[done.pop()]
+            self.draining = True
+            for waiter in waits:
+                if waiter is not self.helper.closed:
+                    waiter.cancel()
+            if not self.helper.closed.done():
+                await queue.cancel(tag)
+                while self._in_hand:
+                    await asyncio.sleep(0.01)
+        self.amqp = None
+        return reason
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        ts = message.timestamp.timestamp() if message.timestamp else None
+        if self.draining:
+            return  # not begun, not acked: closing the channel requeues it
+        self._in_hand += 1
         try:
-            await self.handle(message.body, message.content_type, ts)
-        except HelperGone as e:
-            # not acked: the next broker gets this command again
-            self.log.error("helper connection lost while serving a command; leaving it for redelivery", error=str(e))
-            return
-        except Exception:  # noqa: BLE001 - the broker must outlive any one command
-            self.log.exception("unexpected error while serving a command; it was answered and acknowledged")
-        await message.ack()
+            ts = message.timestamp.timestamp() if message.timestamp else None
+            try:
+                await self.handle(message.body, message.content_type, ts)
+            except HelperGone as e:
+                # not acked: the next broker gets this command again
+                self.log.error("helper connection lost while serving a command; leaving it for redelivery",
+                               error=str(e))
+                return
+            except Exception:  # noqa: BLE001 - the broker must outlive any one command
+                self.log.exception("unexpected error while serving a command; it was answered and acknowledged")
+            await message.ack()
+        finally:
+            self._in_hand -= 1
+
+    async def quiesce(self, timeout: float) -> bool:
+        """Wait until no replayed start and no helper request is in flight (before a
+        re-exec); False if that did not happen within `timeout` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._tasks or not self.helper.idle:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     # -- one command -----------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """mepctl: the administrator's command line for the multi-user compute endpoint."""
 
 import argparse
+import json
 import os
 import pathlib
 import sys
 
+from broker import admin_client, boot
 from broker import configure as configure_mod
+from broker.admin import socket_path
 
 
 def cmd_start(args) -> int:
@@ -49,6 +52,73 @@ def cmd_configure(args) -> int:
     return 0
 
 
+def _socket(args) -> pathlib.Path:
+    return args.socket or socket_path(args.config_root.expanduser().resolve() / args.name)
+
+
+def _json_arg(text: str, what: str):
+    """A JSON value given inline, or @FILE."""
+    try:
+        return json.loads(pathlib.Path(text[1:]).read_text() if text.startswith("@") else text)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mepctl: {what} is not valid JSON ({e}); give a JSON object inline or as @FILE")
+
+
+def cmd_admin(args) -> int:
+    """Every command that asks the running broker something."""
+    request = {"op": args.command}
+    if args.command == "stop-uep":
+        request["uep"] = int(args.uep) if args.uep.isdigit() else args.uep
+    if args.command in ("check-idmap", "render-user-config"):
+        request["identity"] = _json_arg("@" + args.identity, f"--identity {args.identity}")
+    if args.command == "render-user-config":
+        request["options"] = _json_arg(args.options, "--options")
+        request["runtime"] = _json_arg(args.runtime, "--runtime")
+    try:
+        reply = admin_client.call(_socket(args), request)
+    except admin_client.NotRunning as e:
+        print(f"mepctl {args.command}: endpoint {args.name!r} is not running: {e}. Start it with "
+              f"`mepctl start {args.name}`.", file=sys.stderr)
+        return 3
+    except (OSError, ValueError) as e:
+        print(f"mepctl {args.command}: cannot talk to the broker: ({type(e).__name__}) {e}", file=sys.stderr)
+        return 1
+    return admin_client.show(args.command, reply, args.json)
+
+
+def cmd_boot(args) -> int:
+    try:
+        if args.command == "disable-on-boot":
+            print(boot.disable(args.name, args.unit_dir))
+            return 0
+        if not (args.config_root.expanduser() / args.name / "config.yaml").exists():
+            raise boot.BootError(f"no endpoint {args.name!r} under {args.config_root}; create it with "
+                                 f"`mepctl configure --multi-user {args.name}`")
+        try:
+            admin_client.call(_socket(args), {"op": "status"}, timeout=5)
+            raise boot.BootError(f"endpoint {args.name} is running; stop it first, then enable it on boot "
+                                 "(systemd would otherwise start a second one)")
+        except admin_client.NotRunning:
+            pass
+        print(boot.enable(args.name, args.config_root, args.unit_dir))
+        return 0
+    except boot.BootError as e:
+        print(f"mepctl {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+ADMIN_COMMANDS = {
+    "status": "show a running endpoint's broker, uptime and counts",
+    "list": "list the running user endpoints: user, uid, pid, uptime, user endpoint id",
+    "stop-uep": "stop one user endpoint (by its id or pid); the next task for it starts a fresh one",
+    "reload": "check the configuration, then re-execute the broker in place (user endpoints keep running)",
+    "stop": "stop every user endpoint, then the broker and the helper",
+    "check-idmap": "dry run: which identity mapping rule matches an identity set, and which local user it gives",
+    "render-user-config": "dry run: the user endpoint configuration the template renders for an identity and "
+                          "options, or the exact validation error",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mepctl", description="Administer a privilege-separated multi-user compute endpoint.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,6 +153,35 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--policy", help="run with this helper policy file instead of NAME's")
     start.add_argument("--debug", action="store_true", help="more helper logging")
     start.set_defaults(func=cmd_start)
+
+    for command, text in ADMIN_COMMANDS.items():
+        sp = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ". Asks the running "
+                            "broker over its admin socket (NAME/run/admin.sock: root and the broker account only).")
+        sp.add_argument("name", metavar="NAME", help="the endpoint")
+        if command == "stop-uep":
+            sp.add_argument("uep", metavar="UEP", help="the user endpoint id or pid (see `mepctl list`)")
+        if command in ("check-idmap", "render-user-config"):
+            sp.add_argument("--identity", required=True, metavar="FILE",
+                            help="a JSON file: one Globus identity ({\"id\", \"username\", ...}) or a list of them")
+        if command == "render-user-config":
+            sp.add_argument("--options", default="{}", metavar="JSON",
+                            help="the user's user_endpoint_config, inline or @FILE (default {})")
+            sp.add_argument("--runtime", default="{}", metavar="JSON",
+                            help="the SDK's user_runtime, inline or @FILE (default {})")
+        sp.add_argument("--config-root", type=pathlib.Path, default=configure_mod.default_root(), help=root_help)
+        sp.add_argument("--socket", type=pathlib.Path, help="the admin socket (default NAME/run/admin.sock)")
+        sp.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+        sp.set_defaults(func=cmd_admin)
+
+    for command, text in (("enable-on-boot", "install a systemd unit that starts this endpoint at boot"),
+                          ("disable-on-boot", "print how to remove the endpoint's systemd unit")):
+        sp = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
+        sp.add_argument("name", metavar="NAME", help="the endpoint")
+        sp.add_argument("--config-root", type=pathlib.Path, default=configure_mod.default_root(), help=root_help)
+        sp.add_argument("--socket", type=pathlib.Path, help=argparse.SUPPRESS)
+        sp.add_argument("--unit-dir", type=pathlib.Path, default=boot.UNIT_DIR, help="where systemd units go "
+                        "(default %(default)s)")
+        sp.set_defaults(func=cmd_boot)
     return p
 
 

@@ -47,6 +47,20 @@ class UEP:
             os.close(self.cred_fd)
             self.cred_fd = None
 
+    def export(self) -> dict:
+        """For a re-exec'd broker (broker/reexec.py): plain JSON; the fds stay open across exec."""
+        state = attrs.asdict(self, recurse=False)
+        state["enckey"] = self.enckey.decode()
+        state["replay"] = None if self.replay is None else attrs.asdict(self.replay)
+        return state
+
+    @classmethod
+    def resume(cls, state: dict, command_type) -> "UEP":
+        state = dict(state, enckey=state["enckey"].encode())
+        if state["replay"] is not None:
+            state["replay"] = command_type(**state["replay"])
+        return cls(**state)
+
 
 class Registry:
     def __init__(self):

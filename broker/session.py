@@ -19,19 +19,21 @@ class BrokerSession(Session):
         self.nonce = None
 
     @classmethod
-    def resume(cls, key: bytes, nonce_hex: str, next_seq: int, max_frame: int = MAX_FRAME):
+    def resume(cls, key: bytes, nonce: str, next_seq: int, buffered: str = "", max_frame: int = MAX_FRAME):
         """Continue an authenticated session in a re-exec'd broker (see `export`)."""
         self = cls(key, max_frame)
-        self.nonce, self.next_seq, self.state = bytes.fromhex(nonce_hex), next_seq, "ready"
+        self.nonce, self.next_seq, self.state = bytes.fromhex(nonce), next_seq, "ready"
+        if buffered:
+            self.receive_data(bytes.fromhex(buffered))
         return self
 
     def export(self) -> dict:
-        """What a new broker image needs to go on with this connection. Only valid at a
-        frame boundary: the caller must not have unread or half-sent frames."""
+        """What a new broker image needs to go on with this connection: the nonce, the
+        next sequence number and the start of a frame that has only partly arrived (the
+        helper may be writing an `exited` event just then). The caller must have no
+        request half-sent and no event left unread."""
         self._expect("ready", "export")
-        if self._reader.partial:
-            raise ProtocolError("cannot export with a partial frame buffered")
-        return {"nonce": self.nonce.hex(), "next_seq": self.next_seq}
+        return {"nonce": self.nonce.hex(), "next_seq": self.next_seq, "buffered": bytes(self._reader._buf).hex()}
 
     def hello(self) -> bytes:
         self._expect("challenged", "hello")

@@ -4,12 +4,14 @@ Tests marked `root` need uid 0. Outside CI they are skipped when not root; under
 they fail instead, so that a privileged test can never pass by not running.
 """
 
+import asyncio
 import os
 import subprocess
 
+import aio_pika
 import pytest
 
-from tests import rig
+from tests import mep_rig, rig
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -84,3 +86,30 @@ def sh():
     def run(*cmd):
         return subprocess.run(cmd, capture_output=True, text=True)
     return run
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """RabbitMQ must be up: this fails (never skips) when it is not."""
+    async def ping():
+        connection = await aio_pika.connect(mep_rig.AMQP_URL, timeout=5)
+        await connection.close()
+    try:
+        asyncio.run(ping())
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"RabbitMQ is not reachable at 127.0.0.1:5672 ({e!r}); start it with `rabbitmq-server -detached`")
+
+
+@pytest.fixture
+def live(rigdir):
+    """Start LiveMEPs (tests/mep_rig.py); each is stopped and removed afterwards."""
+    started = []
+
+    def start(**kw):
+        mep = mep_rig.LiveMEP(rigdir, **kw)
+        started.append(mep)
+        return mep
+    yield start
+    for mep in started:
+        mep.stop()
+        mep.remove()

@@ -12,9 +12,11 @@ import asyncio
 import datetime
 import json
 import os
+import pty
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +28,7 @@ from tests import rig
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 VENV_PYTHON = "/opt/mep/venv/bin/python3"  # has the broker's dependencies (scripts/setup.sh)
 BOOT = "import sys; sys.path.insert(0, {lib!r}); from broker.main import main; sys.exit(main())"
+MEPCTL = "import sys; sys.path.insert(0, {lib!r}); from broker.mepctl import main; sys.exit(main())"
 
 TEMPLATE = """\
 engine:
@@ -94,6 +97,19 @@ async def _get(queue: str, timeout: float) -> bytes | None:
     return None
 
 
+def _copy_pty(master: int, path: Path) -> None:
+    with open(path, "ab", buffering=0) as f:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not data:
+                break
+            f.write(data)
+    os.close(master)
+
+
 def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,7 +121,7 @@ def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
 
 class LiveMEP:
     def __init__(self, rigdir: rig.RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
-                 schema=SCHEMA, environment: dict | None = None, policy: dict | None = None):
+                 schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False):
         self.rigdir, self.accounts = rigdir, rigdir.accounts
         self.tag = secrets.token_hex(4)
         self.dir = rigdir.path / f"mep-{self.tag}"
@@ -133,13 +149,21 @@ class LiveMEP:
         self.log_path = self.dir / "endpoint.log"
         self.log_path.touch()
         os.chown(self.log_path, self.accounts.broker.pw_uid, self.accounts.broker.pw_gid)
+        (self.dir / "run").mkdir(mode=0o700)  # as `mepctl configure` makes it: the admin socket's directory
+        os.chown(self.dir / "run", self.accounts.broker.pw_uid, self.accounts.broker.pw_gid)
         self.broker_argv = [VENV_PYTHON, "-I", "-c", BOOT.format(lib=str(rigdir.lib)), "--conf-dir", str(self.dir),
                             "--key", str(rigdir.key_file), "--log-to-console"]
         self.policy = rigdir.policy(broker_argv=self.broker_argv, **(policy or {}))
         self.helper_log_path = self.dir / "helper.log"
         self.helper_log = open(self.helper_log_path, "w")
+        out = self.helper_log
+        if tty:  # the helper and broker write to a terminal; a thread copies it into helper.log
+            master, out = pty.openpty()
+            threading.Thread(target=_copy_pty, args=(master, self.helper_log_path), daemon=True).start()
         self.proc = subprocess.Popen(rig.helper_cmd(self.policy, "--launch"), stdin=subprocess.DEVNULL,
-                                     stdout=self.helper_log, stderr=subprocess.STDOUT)
+                                     stdout=out, stderr=subprocess.STDOUT)
+        if tty:
+            os.close(out)
         wait_for(lambda: "consuming start commands" in self.output() or self.proc.poll() is not None,
                  what="the broker to consume")
         assert self.proc.poll() is None, f"MEP ended at start:\n{self.output()}"
@@ -154,6 +178,13 @@ class LiveMEP:
         if not self.helper_log.closed:
             self.helper_log.flush()
         return self.helper_log_path.read_text()
+
+    def mepctl(self, *args, timeout=60) -> subprocess.CompletedProcess:
+        """`mepctl COMMAND NAME ARGS` (as root) for this MEP, with this checkout's code."""
+        command, *rest = args
+        return subprocess.run([VENV_PYTHON, "-I", "-c", MEPCTL.format(lib=str(self.rigdir.lib)), command,
+                               self.dir.name, "--config-root", str(self.rigdir.path), *rest],
+                              capture_output=True, text=True, timeout=timeout)
 
     def broker_pid(self) -> int:
         out = rig.run("pgrep", "-P", str(self.proc.pid), "-u", self.accounts.broker.pw_name, check=False).stdout.split()

@@ -10,39 +10,9 @@ import yaml
 from cryptography.fernet import Fernet
 
 from tests import mep_rig, rig
-from tests.mep_rig import LiveMEP, wait_for
+from tests.mep_rig import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
-
-
-@pytest.fixture(scope="session")
-def rabbitmq():
-    """RabbitMQ must be up: this fails (never skips) when it is not."""
-    import asyncio
-
-    import aio_pika
-
-    async def ping():
-        connection = await aio_pika.connect(mep_rig.AMQP_URL, timeout=5)
-        await connection.close()
-    try:
-        asyncio.run(ping())
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"RabbitMQ is not reachable at 127.0.0.1:5672 ({e!r}); start it with `rabbitmq-server -detached`")
-
-
-@pytest.fixture
-def live(rigdir):
-    started = []
-
-    def start(**kw):
-        mep = LiveMEP(rigdir, **kw)
-        started.append(mep)
-        return mep
-    yield start
-    for mep in started:
-        mep.stop()
-        mep.remove()
 
 
 def test_start_command_spawns_the_mapped_user_with_upstreams_stdin_document(live, accounts):

@@ -50,6 +50,7 @@ def test_configure_writes_every_file_with_owner_and_mode(rigdir, accounts, croot
     assert owner_mode(d / "helper.key") == (0, broker.pw_gid, 0o640)
     assert len((d / "helper.key").read_bytes()) == 32
     assert owner_mode(d / "endpoint.log") == (broker.pw_uid, broker.pw_gid, 0o640)
+    assert owner_mode(d / "run") == (broker.pw_uid, broker.pw_gid, 0o700)  # the admin socket's directory
     cfg = broker_config.load_config(d)  # the broker accepts it unchanged
     assert cfg.display_name == "HPC" and cfg.identity_mapping_config_path == d / "example_identity_mapping_config.json"
     assert cfg.allowed_functions == ("00000000-0000-0000-0000-000000000001",)

@@ -218,9 +218,24 @@ def test_broker_resume_continues_the_session():
     helper.receive_data(broker.send(Ping("a")))
     helper.next_event()
     state = json.loads(json.dumps(broker.export()))  # what a re-exec'd broker gets
-    resumed = BrokerSession.resume(KEY, state["nonce"], state["next_seq"])
+    resumed = BrokerSession.resume(KEY, **state)
     helper.receive_data(resumed.send(Ping("b")))
     assert helper.next_event() == Ping("b")
+
+
+def test_broker_resume_keeps_a_half_arrived_event():
+    """The helper may be writing an `exited` event at the moment of a SIGHUP re-exec."""
+    helper, broker = pair()
+    frame = helper.send(Exited(4242, 0)) + helper.send(Exited(4243, 9))
+    cut = len(frame) - 7
+    broker.receive_data(frame[:cut])
+    assert broker.next_event() == Exited(4242, 0)
+    assert broker.next_event() is NEED_DATA
+    resumed = BrokerSession.resume(KEY, **json.loads(json.dumps(broker.export())))
+    resumed.receive_data(frame[cut:])
+    assert resumed.next_event() == Exited(4243, 9)
+    helper.receive_data(resumed.send(Ping("c")))
+    assert helper.next_event() == Ping("c")
 
 
 def test_helper_sends_only_events():
