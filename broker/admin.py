@@ -82,6 +82,11 @@ class AdminServer:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            self.server = None
+            try:
+                self.path.unlink()  # a re-exec'd image makes a new one
+            except OSError:
+                pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = peer_uid(writer.get_extra_info("socket"))

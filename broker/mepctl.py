@@ -77,8 +77,9 @@ def cmd_admin(args) -> int:
     try:
         reply = admin_client.call(_socket(args), request)
     except admin_client.NotRunning as e:
+        root = "" if args.config_root == configure_mod.default_root() else f" --config-root {args.config_root}"
         print(f"mepctl {args.command}: endpoint {args.name!r} is not running: {e}. Start it with "
-              f"`mepctl start {args.name}`.", file=sys.stderr)
+              f"`mepctl start {args.name}{root}`.", file=sys.stderr)
         return 3
     except (OSError, ValueError) as e:
         print(f"mepctl {args.command}: cannot talk to the broker: ({type(e).__name__}) {e}", file=sys.stderr)

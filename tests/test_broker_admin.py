@@ -181,7 +181,8 @@ def test_mepctl_stop_stops_everything(live, accounts):
     assert mep.proc.returncode == 0, mep.output()
     assert rig.wait_gone([pid]) == []
     gone = mep.mepctl("status")
-    assert gone.returncode == 3 and "is not running" in gone.stderr and f"mepctl start {mep.dir.name}" in gone.stderr
+    assert gone.returncode == 3 and "is not running" in gone.stderr and "(No such file or directory)" in gone.stderr
+    assert f"mepctl start {mep.dir.name} --config-root {mep.rigdir.path}" in gone.stderr
 
 
 def test_check_idmap_and_render_user_config_dry_runs(live, accounts, rigdir):
