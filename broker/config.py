@@ -1,7 +1,8 @@
 """A MEP's config.yaml, loaded into attrs classes.
 
-The keys are upstream's (globus-compute-endpoint 4.19, CoreEndpointConfig) plus none of
-our own, so an existing multi-user config.yaml loads unchanged. Every error names the
+The keys are upstream's (globus-compute-endpoint 4.19, CoreEndpointConfig) plus two of
+our own for registration (compute_service_url, compute_service_token_file), so an
+existing multi-user config.yaml loads unchanged. Every error names the
 file, the key and what to write instead: an administrator fixes it in one go.
 """
 
@@ -18,7 +19,6 @@ CONFIG_FILE = "config.yaml"
 DEFAULT_TEMPLATE = "user_config_template.yaml.j2"
 DEFAULT_SCHEMA = "user_config_schema.json"
 USER_ENVIRONMENT = "user_environment.yaml"
-REGISTRATION = "registration.json"
 # keys of a *user* endpoint's config that people put in the MEP's file by mistake
 _UEP_KEYS = {"engine", "executors", "idle_heartbeats_soft", "idle_heartbeats_hard", "endpoint_setup",
              "endpoint_teardown", "worker_init", "provider"}
@@ -57,6 +57,8 @@ class MEPConfig:
     email: str | None = None
     environment: str | None = None
     local_compute_services: bool = False
+    compute_service_url: str | None = None  # ours: the service to register with (else upstream's choice)
+    compute_service_token_file: pathlib.Path | None = None  # ours: a bearer token for that service
 
     @property
     def name(self) -> str:
@@ -93,6 +95,8 @@ _FIELDS = {
     "email": (str, "a contact e-mail address"),
     "environment": (str, "a Globus environment name; leave it out for production"),
     "local_compute_services": (bool, "true or false"),
+    "compute_service_url": (str, "the web service's base URL, e.g. http://127.0.0.1:5000"),
+    "compute_service_token_file": (str, "the path of a file holding the bearer token the MEP registers with"),
 }
 
 
@@ -123,7 +127,8 @@ def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
                           "subscription)")
     for key, default in (("user_config_template_path", DEFAULT_TEMPLATE), ("user_config_schema_path", DEFAULT_SCHEMA)):
         values.setdefault(key, default)
-    for key in ("identity_mapping_config_path", "user_config_template_path", "user_config_schema_path", "audit_log_path"):
+    for key in ("identity_mapping_config_path", "user_config_template_path", "user_config_schema_path", "audit_log_path",
+                "compute_service_token_file"):
         if values.get(key) is not None:
             values[key] = conf_dir / pathlib.Path(values[key]).expanduser()  # relative paths: to the config dir
     return MEPConfig(conf_dir=conf_dir, **values)

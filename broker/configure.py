@@ -24,7 +24,7 @@ import sys
 from broker import seed
 
 DEFAULT_BROKER = "gcmep"
-DEFAULT_UEP = "/opt/mep/uep-venv/bin/globus-compute-endpoint"
+DEFAULT_UEP = "/opt/mep/uep-venv/bin/mep-uep-start"  # scripts/uep-start.sh: makes the UEP dir, then execs it
 IDMAP_FILE = "example_identity_mapping_config.json"
 POLICY_FILE = "helper-policy.toml"
 KEY_FILE = "helper.key"

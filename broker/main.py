@@ -18,14 +18,14 @@ import sys
 
 import attrs
 
-from broker import console, logs, reexec
+from broker import console, logs, reexec, registration as registration_mod
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
-from broker.config import REGISTRATION, ConfigError, MEPConfig, load_config
+from broker.config import ConfigError, MEPConfig, load_config
 from broker.helper_client import HelperClient
 from broker.idmap import IdentityMapper, MappingConfigError
-from broker.mep import MEP, load_registration
+from broker.mep import MEP
 from broker.registry import UEP
 from broker.session import BrokerSession
 
@@ -54,21 +54,25 @@ class Setup:
     key: bytes
 
 
-def read_setup(args, log) -> Setup:
-    """Raises ConfigError, MappingConfigError, OSError, ValueError or KeyError, each naming the file."""
+def read_setup(args, log, register: bool = True) -> Setup:
+    """Raises one of SETUP_ERRORS, each naming the file or the service. Without
+    `register`, the endpoint id is read from disk and the service is not asked."""
     config = load_config(args.conf_dir)
-    registration = load_registration(config.conf_dir / REGISTRATION)
+    if register:
+        registration = registration_mod.obtain(config, log)
+    else:
+        registration = {"endpoint_id": registration_mod.peek(config)}
     idmap = IdentityMapper(config.identity_mapping_config_path, str(registration["endpoint_id"]), log)
     return Setup(config, registration, idmap, pathlib.Path(args.key).read_bytes())
 
 
-SETUP_ERRORS = (ConfigError, MappingConfigError, OSError, ValueError, KeyError)
+SETUP_ERRORS = (ConfigError, MappingConfigError, registration_mod.RegistrationError, OSError, ValueError, KeyError)
 
 
 def reload_problem(args, running: Setup, log) -> str | None:
     """Why the configuration on disk cannot replace the running one, or None."""
     try:
-        new = read_setup(args, log)
+        new = read_setup(args, log, register=False)
     except SETUP_ERRORS as e:
         return f"({type(e).__name__}) {e}"
     if new.config.high_assurance != running.config.high_assurance:

@@ -11,7 +11,6 @@ dies mid-command leaves the command to be redelivered to the next one.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pwd
 import time
@@ -297,15 +296,3 @@ class MEP:
             await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
-
-
-def load_registration(path) -> dict:
-    """The MEP's registration: its endpoint id and command queue (written by the service
-    client at registration; the same shape as the web service's response)."""
-    data = json.loads(path.read_text())
-    info = data["command_queue_info"]
-    if not (isinstance(info.get("connection_url"), str) and isinstance(info.get("queue"), str)):
-        raise ValueError(f"{path}: command_queue_info needs connection_url and queue")
-    if "endpoint_id" not in data:
-        raise ValueError(f"{path}: endpoint_id is missing")
-    return data

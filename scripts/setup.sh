@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MEP_VENV:-/opt/mep/venv}
+UEP_VENV=${MEP_UEP_VENV:-/opt/mep/uep-venv}
+UEP_VERSION=4.19.0  # the pinned globus-compute-endpoint that user endpoints run
 say() { printf '[setup] %s\n' "$*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -31,6 +33,14 @@ if ! rabbitmqctl -q status >/dev/null 2>&1; then
   rabbitmqctl -q status >/dev/null 2>&1 || { echo "RabbitMQ did not start; see /var/log/rabbitmq" >&2; exit 1; }
 fi
 
+# The local compute service creates per-endpoint RabbitMQ accounts through this API.
+if ! rabbitmq-plugins is_enabled rabbitmq_management >/dev/null 2>&1; then
+  say "enabling RabbitMQ's management API (for the local compute service)"
+  rabbitmq-plugins enable -q rabbitmq_management >/dev/null
+fi
+for _ in $(seq 30); do rabbitmqctl -q status >/dev/null 2>&1 && rabbitmq-diagnostics -q check_port_listener 15672 \
+  >/dev/null 2>&1 && break; sleep 1; done
+
 if [ ! -x "$VENV/bin/python3" ]; then
   say "creating $VENV from /usr/bin/python3"
   mkdir -p "$(dirname "$VENV")"
@@ -42,10 +52,21 @@ fi
 # and the broker and UEP accounts can read it.
 say "installing the project into $VENV"
 rm -rf build  # a stale build/lib would install modules that no longer exist
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-script-location ".[test]"
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-script-location ".[test,service]"
 # setuptools' distutils-precedence.pth would import _distutils_hack into every
 # interpreter of this venv, the root helper's included: keep it out.
 if "$VENV/bin/python3" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("setuptools") is None)'; then
   "$VENV/bin/pip" uninstall -q -y setuptools
 fi
-say "ready: $VENV"
+# The user endpoint program: the real globus-compute-endpoint, in its own root-owned venv
+# on /usr/bin/python3 (every user can run it; nothing under /root).
+if [ "$("$UEP_VENV/bin/python3" -c 'import importlib.metadata as m; print(m.version("globus-compute-endpoint"))' \
+      2>/dev/null)" != "$UEP_VERSION" ]; then
+  say "installing globus-compute-endpoint==$UEP_VERSION into $UEP_VENV"
+  rm -rf "$UEP_VENV"
+  /usr/bin/python3 -m venv "$UEP_VENV"
+  "$UEP_VENV/bin/pip" install -q --disable-pip-version-check "globus-compute-endpoint==$UEP_VERSION"
+fi
+install -o root -g root -m 0755 scripts/uep-start.sh "$UEP_VENV/bin/mep-uep-start"
+chmod -R go-w,a+rX "$VENV" "$UEP_VENV"
+say "ready: $VENV, $UEP_VENV"

@@ -121,7 +121,8 @@ def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
 
 class LiveMEP:
     def __init__(self, rigdir: rig.RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
-                 schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False):
+                 schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False,
+                 registration: bool = True):
         self.rigdir, self.accounts = rigdir, rigdir.accounts
         self.tag = secrets.token_hex(4)
         self.dir = rigdir.path / f"mep-{self.tag}"
@@ -144,8 +145,9 @@ class LiveMEP:
         env = {"PROBE_REPORT_DIR": str(self.reports), "PROBE_ACTION": json.dumps({"sleep": 60})}
         env.update(environment or {})
         self.write("user_environment.yaml", json.dumps(env))
-        self.write("registration.json", json.dumps({"endpoint_id": self.endpoint_id, "command_queue_info": {
-            "connection_url": AMQP_URL, "queue": self.command_queue}}))
+        if registration:  # else the broker registers with the service named in config
+            self.write("registration.json", json.dumps({"endpoint_id": self.endpoint_id, "command_queue_info": {
+                "connection_url": AMQP_URL, "queue": self.command_queue}}))
         self.log_path = self.dir / "endpoint.log"
         self.log_path.touch()
         os.chown(self.log_path, self.accounts.broker.pw_uid, self.accounts.broker.pw_gid)

@@ -125,7 +125,7 @@ class RigDir:
         self.key_file.write_bytes(self.key)
         # a copy of the unprivileged packages that a launched test broker may import
         self.lib = self.path / "lib"
-        for package in ("protocol", "privhelper", "broker"):
+        for package in ("protocol", "privhelper", "broker", "localservice"):
             shutil.copytree(ROOT / package, self.lib / package, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copyfile(ROOT / "tests" / "testbroker.py", self.path / "testbroker.py")
         global CODE_DIR

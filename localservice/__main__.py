@@ -1,0 +1,64 @@
+"""`python3 -m localservice`: a self-hosted stand-in for the Globus Compute web service,
+on http://127.0.0.1:5000 (where the SDK's `local_compute_services=True` looks), backed
+by the RabbitMQ on this machine. For the demo and the tests; never for production."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import signal
+import sys
+
+from aiohttp import web
+
+from localservice.rabbit import Rabbit
+from localservice.service import ComputeService
+from localservice.web import load_identities, make_app
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="localservice", description=__doc__)
+    p.add_argument("--identities", required=True, type=pathlib.Path,
+                   help="JSON file mapping bearer tokens to identity sets (stands in for Globus Auth)")
+    p.add_argument("--state", type=pathlib.Path, help="where registered endpoints are kept across restarts")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/",
+                   help="an administrative RabbitMQ account (default %(default)s)")
+    p.add_argument("--management-url", default="http://127.0.0.1:15672",
+                   help="RabbitMQ's management API (default %(default)s)")
+    return p.parse_args(argv)
+
+
+async def serve(args) -> int:
+    load_identities(args.identities)  # fail now, not at the first request
+    rabbit = Rabbit(args.amqp_url, args.management_url)
+    await rabbit.open()
+    service = ComputeService(rabbit, args.state)
+    runner = web.AppRunner(make_app(service, args.identities), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    logging.getLogger("localservice").info("local compute service on http://%s:%d", args.host, args.port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await rabbit.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="localservice %(levelname)s %(message)s", stream=sys.stderr)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return asyncio.run(serve(args))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"localservice: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

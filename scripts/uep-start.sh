@@ -1,0 +1,17 @@
+#!/bin/sh
+# The user endpoint launcher: the program the helper policy names as the UEP. It runs as
+# the mapped user, after the helper has dropped every privilege, and does what upstream's
+# MEP does just before exec: create the UEP's directory (~/.globus_compute/NAME, mode
+# 0700) and send stdout/stderr to its endpoint.log (0600, appended). Then it execs the
+# pinned globus-compute-endpoint with the same arguments (`_start-user-endpoint NAME`);
+# stdin (the start document), fd 3 (credentials) and fd 4 (audit) pass through untouched.
+# NAME was checked by the helper (no '/', no '..'). Installed by scripts/setup.sh.
+set -eu
+umask 077
+[ "$#" -ge 2 ] || { echo "usage: $0 _start-user-endpoint NAME" >&2; exit 64; }
+dir="${GLOBUS_COMPUTE_USER_DIR:-$HOME/.globus_compute}/$2"
+mkdir -p "$dir"
+export GLOBUS_COMPUTE_ENDPOINT_DIR="$dir" GLOBUS_COMPUTE_LOG_PATH="$dir/endpoint.log"  # as upstream's ensure_paths()
+cd "$HOME" 2>/dev/null || cd /
+exec >>"$dir/endpoint.log" 2>&1
+exec "$(dirname "$0")/globus-compute-endpoint" "$@"
