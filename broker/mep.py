@@ -26,6 +26,8 @@ from broker.idmap import IdentityMapper
 from broker.registry import UEP, Registry, stdin_document
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
+STOPPED = ("The multi-user endpoint is shutting down and stopped this user endpoint; tasks not yet finished will not "
+           "run. Submit them again once the endpoint is back, or contact its administrator.")
 
 
 class Refusal(Exception):
@@ -284,9 +286,13 @@ class MEP:
             self.log.info("signal not delivered", pid=uep.pid, reason=e.reason)
 
     async def stop(self, grace: float) -> None:
-        """Stop consuming, TERM every UEP, wait up to `grace`, then let the helper KILL the rest."""
+        """Stop consuming, tell each UEP's user, TERM every UEP, wait up to `grace`, then
+        let the helper KILL the rest."""
         self.stopping.set()
-        for uep in self.uep:
+        ueps = list(self.uep)
+        await asyncio.gather(*(self.notify({"amqp_creds": u.amqp_creds, "name": u.name}, STOPPED, who=u.username)
+                               for u in ueps if u.amqp_creds))
+        for uep in ueps:
             try:
                 await self.stop_uep(uep)
             except HelperGone:

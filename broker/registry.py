@@ -31,12 +31,14 @@ class UEP:
     audit_pipe: int | None = None  # owned by the AuditLog, which closes it at EOF
     started: float = attrs.field(factory=time.time)
     replay: object = None  # the last StartCommand that arrived while this UEP ran
+    amqp_creds: dict | None = None  # the latest, for a notice when the MEP stops it
 
     def uptime(self) -> float:
         return time.time() - self.started
 
     def write_credentials(self, amqp_creds: dict) -> None:
         """Upstream's refresh: Fernet({"amqp_creds": ...}) replaces the memfd's content."""
+        self.amqp_creds = amqp_creds
         token = Fernet(self.enckey).encrypt(json.dumps({"amqp_creds": amqp_creds}, separators=(",", ":")).encode())
         os.ftruncate(self.cred_fd, 0)
         os.lseek(self.cred_fd, 0, os.SEEK_SET)

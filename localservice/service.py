@@ -249,6 +249,8 @@ class ComputeService:
                 await self._deliver(self.tasks[task_id], messagepack.pack(failure), failed=True)
 
     async def _deliver(self, task: TaskRecord, body: bytes, failed: bool) -> None:
+        if task.result is not None:
+            return  # already answered (a failure notice came first)
         task.status, task.result = ("failed" if failed else "success"), body
         self.ueps[task.uep].pending.discard(task.id)
         await self.rabbit.publish(f"tg.{user_tag(task.identity)}.{task.task_group}", body,

@@ -12,6 +12,13 @@ umask 077
 dir="${GLOBUS_COMPUTE_USER_DIR:-$HOME/.globus_compute}/$2"
 mkdir -p "$dir"
 export GLOBUS_COMPUTE_ENDPOINT_DIR="$dir" GLOBUS_COMPUTE_LOG_PATH="$dir/endpoint.log"  # as upstream's ensure_paths()
+# A pid file left by a UEP that was killed (SIGKILL leaves it behind) would make the new
+# one refuse to start for heartbeat_period * 3; a pid file whose process is gone is stale.
+pidfile="$dir/daemon.pid"
+if [ -f "$pidfile" ]; then
+  pid=$(head -c 32 "$pidfile" | tr -cd 0-9)
+  if [ -n "$pid" ] && [ ! -d "/proc/$pid" ]; then rm -f "$pidfile"; fi
+fi
 cd "$HOME" 2>/dev/null || cd /
 exec >>"$dir/endpoint.log" 2>&1
 exec "$(dirname "$0")/globus-compute-endpoint" "$@"

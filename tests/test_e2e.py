@@ -2,9 +2,17 @@
 RabbitMQ -> the MEP (root helper + broker) -> the real globus-compute-endpoint UEP as the
 mapped user -> results back to the submitting user only."""
 
+import asyncio
+import concurrent.futures
+import os
+import pathlib
+import signal
+
+import aio_pika
+import aiormq
 import pytest
 
-from tests import e2e_rig
+from tests import e2e_rig, mep_rig
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -28,6 +36,7 @@ def mep(rigdir, service):
 
     def start(**kw):
         m = e2e_rig.live_mep(rigdir, service, **kw)
+        m.endpoint_id = e2e_rig.registered_id(m)
         started.append(m)
         return m
     yield start
@@ -36,18 +45,154 @@ def mep(rigdir, service):
         m.remove()
 
 
-def submit(service, mep, user, script_body, **executor_kw):
-    kw = ", ".join(f"{k}={v!r}" for k, v in executor_kw.items())
+def run(service, m, user, body: str) -> dict:
+    """Run `body` (indented, inside `with Executor(...) as ex:`) as `user`; it prints JSON."""
     script = WHOAMI + f"""
-with Executor(endpoint_id={mep.endpoint_id!r}, client=client{', ' + kw if kw else ''}) as ex:
-{script_body}
+with Executor(endpoint_id={m.endpoint_id!r}, client=client) as ex:
+{body}
 """
     return e2e_rig.run_sdk(service, user, script)
 
 
-def test_two_users_run_as_their_own_uids(service, mep, accounts):
+def started(m) -> list:
+    return e2e_rig.uep_pids(m)
+
+
+def test_two_users_run_in_parallel_as_their_own_uids(service, mep, accounts):
     m = mep()
-    m.endpoint_id = e2e_rig.registered_id(m)
     body = "    print(json.dumps(ex.submit(whoami, 21).result(timeout=90)))"
-    alice = submit(service, m, "mept-alice@example.org", body)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        alice, bob = pool.map(lambda u: run(service, m, u, body), ["mept-alice@example.org", "mept-bob@example.org"])
     assert alice == {"user": "mept-alice", "uid": accounts.alice.pw_uid, "pid": alice["pid"], "x": 42}
+    assert bob == {"user": "mept-bob", "uid": accounts.bob.pw_uid, "pid": bob["pid"], "x": 42}
+    assert sorted([alice["pid"], bob["pid"]]) == sorted(started(m))  # each ran inside its own UEP
+
+
+def test_second_submission_reuses_the_running_uep_and_refreshes_its_credentials(service, mep):
+    m = mep()
+    body = "    print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"
+    first = run(service, m, "mept-alice@example.org", body)
+    second = run(service, m, "mept-alice@example.org", body)
+    assert first["pid"] == second["pid"] and started(m) == [first["pid"]]
+    assert "user endpoint already running; credentials refreshed" in m.output()
+
+
+def test_user_endpoint_config_reaches_the_uep(service, mep):
+    """max_workers from the user's config: 3 tasks overlap in 3 threads, or run in 1."""
+    m = mep()
+    body = """    def thread(_):
+        import threading, time
+        time.sleep(1)
+        return threading.current_thread().name
+    ex.user_endpoint_config = {{"max_workers": {n}}}
+    names = [f.result(timeout=90) for f in [ex.submit(thread, i) for i in range(3)]]
+    print(json.dumps({{"threads": len(set(names))}}))"""
+    assert run(service, m, "mept-alice@example.org", body.format(n=3)) == {"threads": 3}
+    assert run(service, m, "mept-alice@example.org", body.format(n=1)) == {"threads": 1}
+    assert len(started(m)) == 2  # another config, another UEP id, another UEP
+
+
+def test_a_uep_killed_by_hand_is_restarted_by_the_next_task(service, mep):
+    m = mep()
+    body = "    print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"
+    first = run(service, m, "mept-alice@example.org", body)
+    os.killpg(first["pid"], signal.SIGKILL)
+    mep_rig.wait_for(lambda: "user endpoint exited" in m.output(), what="the MEP to see the exit")
+    second = run(service, m, "mept-alice@example.org", body)
+    assert second["pid"] != first["pid"] and started(m) == [first["pid"], second["pid"]]
+
+
+def test_unmapped_identity_fails_the_future_with_the_meps_message(service, mep):
+    m = mep()
+    body = """    try:
+        ex.submit(whoami, 1).result(timeout=60)
+        print(json.dumps({"error": None}))
+    except Exception as e:
+        print(json.dumps({"error": str(e)}))"""
+    out = run(service, m, "eve@elsewhere.org", body)
+    assert "Identity failed to map to a local user name." in out["error"]
+    assert started(m) == []
+
+
+def test_allowed_functions_are_enforced_at_submit(service, mep):
+    register = WHOAMI + """
+def other(x):
+    return x
+print(json.dumps({"ok": client.register_function(whoami), "no": client.register_function(other)}))
+"""
+    ids = e2e_rig.run_sdk(service, "mept-alice@example.org", register)
+    m = mep(config={"allowed_functions": [ids["ok"]]})
+    body = f"""    ok = ex.submit_to_registered_function({ids["ok"]!r}, args=(5,)).result(timeout=90)
+    try:
+        ex.submit_to_registered_function({ids["no"]!r}, args=(5,)).result(timeout=60)
+        refused = None
+    except Exception as e:
+        refused = str(e)
+    print(json.dumps({{"ok": ok["x"], "refused": refused}}))"""
+    out = run(service, m, "mept-alice@example.org", body)
+    assert out["ok"] == 10
+    assert "403" in out["refused"] and "FUNCTION_NOT_PERMITTED" in out["refused"]
+    assert f"Function {ids['no']} not permitted on endpoint {m.endpoint_id}" in out["refused"]
+
+
+def test_one_user_cannot_read_another_users_results(service, mep):
+    m = mep()
+    body = """    f = ex.submit(whoami, 1)
+    f.result(timeout=90)
+    print(json.dumps({"task_group": str(ex.task_group_id), "url": client.get_result_amqp_url()}))"""
+    alice = run(service, m, "mept-alice@example.org", body)
+    bob = run(service, m, "mept-bob@example.org", body)
+    alice_queue = alice["url"]["queue_prefix"] + alice["task_group"]
+    assert bob["url"]["queue_prefix"] != alice["url"]["queue_prefix"]
+
+    async def consume(url, queue):
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            try:
+                await (await channel.declare_queue(queue, passive=True)).get(fail=False)
+                return "read"
+            except aiormq.exceptions.ChannelAccessRefused:
+                return "refused"
+    assert asyncio.run(consume(bob["url"]["connection_url"], alice_queue)) == "refused"
+    assert asyncio.run(consume(alice["url"]["connection_url"], alice_queue)) == "read"
+
+
+def test_mep_stopped_mid_task_leaves_no_uep_and_fails_the_future(service, mep):
+    m = mep()
+    body = """    import time
+    def slow():
+        import time
+        time.sleep(60)
+    f = ex.submit(slow)
+    while not os.path.exists(os.environ["HOME"] + "/go"):
+        time.sleep(0.1)
+    try:
+        f.result(timeout=60)
+        print(json.dumps({"error": None}))
+    except Exception as e:
+        print(json.dumps({"error": str(e)}))"""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run, service, m, "mept-alice@example.org", body)
+        pids = e2e_rig.wait_for_uep(m, 1)
+        mep_rig.wait_for(lambda: "Preparing to execute task" in uep_log(), what="the task to run")
+        assert m.stop() == 0
+        (service.dir / "go").touch()
+        out = future.result(timeout=120)
+    assert e2e_rig.gone(pids)
+    assert "The multi-user endpoint is shutting down and stopped this user endpoint" in out["error"]
+
+
+def uep_log() -> str:
+    return "".join(p.read_text() for p in pathlib.Path("/home/mept-alice/.globus_compute").glob("*/endpoint.log"))
+
+
+def test_idle_uep_stops_and_the_next_task_starts_a_fresh_one(service, mep):
+    m = mep()
+    body = """    ex.user_endpoint_config = {"heartbeat_period": 5, "idle_heartbeats_soft": 1, "idle_heartbeats_hard": 2}
+    print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"""
+    first = run(service, m, "mept-alice@example.org", body)
+    mep_rig.wait_for(lambda: "user endpoint exited" in m.output(), timeout=60, what="the idle UEP to stop")
+    assert e2e_rig.gone([first["pid"]])
+    second = run(service, m, "mept-alice@example.org", body)
+    assert second["pid"] != first["pid"] and len(started(m)) == 2
