@@ -12,6 +12,9 @@ umask 077
 dir="${GLOBUS_COMPUTE_USER_DIR:-$HOME/.globus_compute}/$2"
 mkdir -p "$dir"
 export GLOBUS_COMPUTE_ENDPOINT_DIR="$dir" GLOBUS_COMPUTE_LOG_PATH="$dir/endpoint.log"  # as upstream's ensure_paths()
+# Parsl's GlobusComputeEngine starts process_worker_pool.py from this venv by name.
+PATH="$(dirname "$0"):${PATH:-/usr/bin:/bin}"
+export PATH
 # A pid file left by a UEP that was killed (SIGKILL leaves it behind) would make the new
 # one refuse to start for heartbeat_period * 3; a pid file whose process is gone is stale.
 pidfile="$dir/daemon.pid"
