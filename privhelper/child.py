@@ -130,6 +130,7 @@ def session_process(*, account, req, policy, child_fds, status_w, helper_pid) ->
     code = 1
     try:
         follow_parent(helper_pid, signal.SIGTERM)
+        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what the UEP orphans comes to us, not to init
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, _raise_stop)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -179,8 +180,7 @@ def _run_session(account, req, policy, child_fds, status_w) -> int:
 
 
 def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
-    """Fork a child that drops to `account` and execs; wait until it has exec'd.
-    Returns (pid, None), or (pid, "CODE reason") with the child reaped."""
+    """Fork, drop to `account`, exec. Returns (pid, None), or (pid, "CODE reason") with the child reaped."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     me = os.getpid()
     if (pid := os.fork()) == 0:
@@ -193,8 +193,7 @@ def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
 
 
 def _wait_uep(pid: int, grace: int) -> int:
-    """Wait for the UEP. On a stop signal, TERM its group and KILL it after `grace` s.
-    Either way, KILL whatever the UEP left behind in its group."""
+    """Wait for the UEP (a stop signal TERMs its group, KILLed after `grace` s), then KILL what it left."""
     deadline = None
     while True:
         try:
@@ -209,8 +208,27 @@ def _wait_uep(pid: int, grace: int) -> int:
             if deadline is None:
                 kill(-pid, signal.SIGTERM)
                 deadline = time.monotonic() + grace
-    kill(-pid, signal.SIGKILL)
+    _kill_orphans(pid)
     return status
+
+
+def _kill_orphans(group: int) -> None:
+    """KILL and reap the UEP's group and what it left outside it (setsid, double fork): we are its subreaper."""
+    while True:
+        kill(-group, signal.SIGKILL)
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+        for p in pids:
+            kill(p, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        try:
+            os.kill(-group, 0)  # members still dying: what they leave comes to us next round
+        except ProcessLookupError:
+            if not pids:
+                return
+        time.sleep(0.01)
 
 
 def kill(pid: int | None, sig: int) -> None:

@@ -150,8 +150,7 @@ class Monitor:
         log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
 
     def make_channels(self, msg: Spawn):
-        """stdin: a sealed read-only memfd holding the payload; cred: a memfd the broker
-        writes and the UEP reads; audit: a packet pipe the UEP writes and the broker reads."""
+        """stdin: sealed read-only memfd; cred: memfd, broker writes, UEP reads; audit: packet pipe, the reverse."""
         stdin = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.write(stdin, msg.stdin)
         fcntl.fcntl(stdin, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
@@ -234,8 +233,7 @@ class Monitor:
 
 
     def shutdown(self) -> None:
-        """TERM every session process (each TERMs, then KILLs, its UEP group and closes PAM)
-        and the broker; KILL what is left after the grace period; reap everything."""
+        """TERM every session process (each stops its UEP, closes PAM) and the broker; KILL stragglers; reap."""
         self.conn.close()
         for pid in [*self.children, self.broker_pid]:
             child.kill(pid, signal.SIGTERM)
@@ -259,9 +257,7 @@ class Monitor:
 
 
 def _child_end(fd: int) -> int:
-    """A second, read-only open file description of the memfd `fd`, for the UEP. Mode 0400
-    on the root-owned inode stops the UEP from reopening it through /proc/self/fd for
-    writing; the broker keeps writing through `fd`, which was opened read-write."""
+    """A read-only reopen of memfd `fd` for the UEP; mode 0400 stops it reopening for writing (root-code.md)."""
     os.fchmod(fd, 0o400)
     return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 

@@ -7,7 +7,8 @@ groups, capabilities, NoNewPrivs, open fds, session, umask, cwd, environment, ar
 stdin payload and the credential memfd. Then it acts on $PROBE_ACTION or else the stdin
 payload, a JSON object:
 {"sleep": seconds, "exit": code, "grandchild": true (fork a child that sleeps too),
-"cred_wait": seconds (wait for the credential memfd to change and report it again)}.
+"cred_wait": seconds (wait for the credential memfd to change and report it again),
+"escape": true (a setsid'd, double-forked descendant outside the UEP's group reports its pid)}.
 Stdlib only; it is exec'd directly as the UEP program of a test policy.
 """
 
@@ -91,6 +92,12 @@ def main() -> int:
         action = json.loads(os.environ.get("PROBE_ACTION") or stdin or "{}")
     except ValueError:
         action = {}
+    if action.get("escape") and os.fork() == 0:  # leave the UEP's group and session, and its tree
+        os.setsid()
+        if os.fork() == 0:
+            emit({"escaped": os.getpid(), "sid": os.getsid(0)})
+            time.sleep(120)
+        os._exit(0)
     if action.get("grandchild") and os.fork() == 0:
         time.sleep(action.get("sleep", 0))
         os._exit(0)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from broker import commands, config, idmap, notices
+from broker import commands, config, idmap, notices, registration
 
 IDENT = {"id": "1c6dbe57-4a3e-44e5-826e-0280003585ae", "sub": "1c6dbe57-4a3e-44e5-826e-0280003585ae",
          "username": "jess@example.org", "status": "used", "identity_provider": "62dc25b7-c693-4528-831b-4557a7a0d1e4"}
@@ -176,3 +176,18 @@ def test_reload_keeps_old_mapping_on_invalid_missing_and_unreadable(tmp_path):
     path.write_text(seed_doc.replace("example", "elsewhere"))
     assert mapper.reload_if_changed() is True and mapper.map([IDENT]) is None
     assert [level for level, _ in log.lines] == ["error", "error", "info"]
+
+
+def test_registration_needs_a_service_and_a_token_and_says_where(tmp_path):
+    cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"))
+    with pytest.raises(registration.RegistrationError, match="no service to register with: set compute_service_url"):
+        registration.obtain(cfg, None)
+    cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
+                                          "local_compute_services: true\n"))
+    assert registration.service_url(cfg) == "http://localhost:5000"
+    with pytest.raises(registration.RegistrationError, match="compute_service_token_file is required"):
+        registration.obtain(cfg, None)
+    (tmp_path / "registration.json").write_text(json.dumps({"endpoint_id": "e", "command_queue_info": {"queue": "q"}}))
+    with pytest.raises(registration.RegistrationError, match="command_queue_info needs connection_url and queue"):
+        registration.obtain(cfg, None)
+    assert registration.peek(cfg) == "e"

@@ -196,3 +196,4 @@ def test_idle_uep_stops_and_the_next_task_starts_a_fresh_one(service, mep):
     assert e2e_rig.gone([first["pid"]])
     second = run(service, m, "mept-alice@example.org", body)
     assert second["pid"] != first["pid"] and len(started(m)) == 2
+

@@ -136,6 +136,20 @@ def test_signal_only_for_own_children(helpers, accounts):
     assert client.reply(req).code == "not-our-child"
 
 
+def test_a_descendant_that_left_the_uep_group_dies_with_the_uep(helpers, accounts):
+    """21: a setsid'd, double-forked process is outside the UEP's group and session, so
+    killing the group misses it; the session process is the UEP's subreaper and KILLs it
+    when the UEP exits (upstream leaves such processes running)."""
+    helper, client = helpers()
+    reply = client.spawn(accounts.alice, stdin=b'{"escape": true, "sleep": 1}')
+    uep = rig.read_report(reply.fds["audit"])
+    escaped = rig.read_report(reply.fds["audit"])
+    assert escaped["sid"] != uep["sid"] and rig.alive(escaped["escaped"])  # outside the UEP's session and group
+    assert client.wait_exited(reply.pid).status == 0
+    assert rig.wait_gone([escaped["escaped"]], timeout=5) == []
+    assert rig.processes_of(accounts.alice.pw_name) == []
+
+
 def test_closing_the_connection_stops_a_uep_that_ignores_term(helpers, accounts, rigdir):
     """The grace period ends in SIGKILL for the whole group."""
     script = rigdir.file("stubborn", "#!/bin/sh\ntrap '' TERM\necho started >&4\nwhile :; do sleep 0.1; done\n", mode=0o755)
