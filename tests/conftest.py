@@ -103,13 +103,4 @@ def rabbitmq():
 @pytest.fixture
 def live(rigdir):
     """Start LiveMEPs (tests/mep_rig.py); each is stopped and removed afterwards."""
-    started = []
-
-    def start(**kw):
-        mep = mep_rig.LiveMEP(rigdir, **kw)
-        started.append(mep)
-        return mep
-    yield start
-    for mep in started:
-        mep.stop()
-        mep.remove()
+    yield from mep_rig.many(lambda **kw: mep_rig.LiveMEP(rigdir, **kw))

@@ -9,7 +9,6 @@ import os
 import secrets
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from tests import mep_rig, rig
@@ -93,9 +92,11 @@ def live_mep(rigdir, service: LocalService, **kw) -> mep_rig.LiveMEP:
     token = service.token_file("admin@example.org", rigdir.accounts.broker.pw_gid)
     config = {"compute_service_url": service.url, "compute_service_token_file": str(token), **kw.pop("config", {})}
     policy = {"uep_argv": [UEP_PROGRAM, "_start-user-endpoint", "{name}"], **kw.pop("policy", {})}
-    return mep_rig.LiveMEP(rigdir, config=config, policy=policy, template=kw.pop("template", UEP_TEMPLATE),
-                           schema=kw.pop("schema", UEP_SCHEMA), environment=kw.pop("environment", {}),
-                           registration=False, **kw)
+    mep = mep_rig.LiveMEP(rigdir, config=config, policy=policy, template=kw.pop("template", UEP_TEMPLATE),
+                          schema=kw.pop("schema", UEP_SCHEMA), environment=kw.pop("environment", {}),
+                          registration=False, **kw)
+    mep.endpoint_id = registered_id(mep)  # the id the service gave it
+    return mep
 
 
 def run_sdk(service: LocalService, user: str, script: str, timeout: float = 120) -> dict:
@@ -130,10 +131,6 @@ def uep_pids(mep) -> list:
 
 def gone(pids, timeout=10.0) -> bool:
     return rig.wait_gone(pids, timeout) == []
-
-
-def wait(seconds: float) -> None:
-    time.sleep(seconds)
 
 
 def registered_id(mep) -> str:

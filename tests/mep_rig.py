@@ -97,6 +97,19 @@ async def _get(queue: str, timeout: float) -> bytes | None:
     return None
 
 
+def many(factory):
+    """A fixture body: yields start(**kw) -> factory(**kw); stops and removes each MEP after the test."""
+    started = []
+
+    def start(**kw):
+        started.append(factory(**kw))
+        return started[-1]
+    yield start
+    for mep in started:
+        mep.stop()
+        mep.remove()
+
+
 def _copy_pty(master: int, path: Path) -> None:
     with open(path, "ab", buffering=0) as f:
         while True:

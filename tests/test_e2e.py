@@ -32,17 +32,7 @@ def service(rigdir):
 
 @pytest.fixture
 def mep(rigdir, service):
-    started = []
-
-    def start(**kw):
-        m = e2e_rig.live_mep(rigdir, service, **kw)
-        m.endpoint_id = e2e_rig.registered_id(m)
-        started.append(m)
-        return m
-    yield start
-    for m in started:
-        m.stop()
-        m.remove()
+    yield from mep_rig.many(lambda **kw: e2e_rig.live_mep(rigdir, service, **kw))
 
 
 def run(service, m, user, body: str) -> dict:
