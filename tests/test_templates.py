@@ -2,6 +2,8 @@
 structure; reserved names, schema, StrictUndefined, high_assurance, allowed_functions."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +12,8 @@ from hypothesis import strategies as st
 
 from broker import templates
 from broker.templates import TemplateRefused
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TEMPLATE = """\
 engine:
@@ -151,3 +155,31 @@ def test_default_template_of_configure_renders_without_options(tmp_path):
                            mapped_identity=IDENTITY, parent_config={}, high_assurance=False, allowed_functions=None)
     assert got.config["engine"]["type"] in ("ThreadPoolEngine", "ProcessPoolEngine")
     assert "provider" not in got.config["engine"]
+
+
+UEP_PYTHON = "/opt/mep/uep-venv/bin/python3"  # the pinned globus-compute-endpoint (scripts/setup.sh)
+CHECK_WITH_UEP = """
+import sys
+from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
+config = load_config_yaml(sys.stdin.read())
+engine = config.engine
+print(type(config).__name__, type(engine).__name__, type(engine.executor.provider).__name__)
+"""
+
+
+@pytest.mark.parametrize("opts, provider", [({"scheduler": "slurm", "partition": "short", "nodes": 2}, "SlurmProvider"),
+                                            ({"scheduler": "pbs", "queue": "batch", "walltime": "01:00:00"},
+                                             "PBSProProvider")])
+def test_the_cluster_example_template_renders_a_config_the_real_uep_accepts(opts, provider):
+    """docs/examples: Slurm and PBS settings, rendered by the broker, loaded by the pinned UEP's own parser."""
+    examples = ROOT / "docs" / "examples"
+    rendered = templates.render(examples / "user_config_template.hpc.yaml.j2", examples / "user_config_schema.hpc.json",
+                                user_opts=opts, user_runtime={}, mapped_identity=IDENTITY, parent_config={},
+                                high_assurance=False, allowed_functions=None)
+    out = subprocess.run([UEP_PYTHON, "-I", "-c", CHECK_WITH_UEP], input=rendered.text, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["UserEndpointConfig", "GlobusComputeEngine", provider]
+    with pytest.raises(TemplateRefused, match="partition is invalid"):
+        templates.render(examples / "user_config_template.hpc.yaml.j2", examples / "user_config_schema.hpc.json",
+                         user_opts={**opts, "partition": "x; rm -rf /"}, user_runtime={}, mapped_identity=IDENTITY,
+                         parent_config={}, high_assurance=False, allowed_functions=None)
