@@ -125,13 +125,16 @@ def _report(fd: int, line: str) -> None:
     os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
 
+_STOPS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def session_process(*, account, req, policy, child_fds, status_w, helper_pid) -> None:
     """Body of the per-UEP session process (root). Never returns."""
     code = 1
     try:
         follow_parent(helper_pid, signal.SIGTERM)
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what the UEP orphans comes to us, not to init
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in _STOPS:
             signal.signal(sig, _raise_stop)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         code = _run_session(account, req, policy, child_fds, status_w)
@@ -142,6 +145,7 @@ def session_process(*, account, req, policy, child_fds, status_w, helper_pid) ->
 
 
 def _raise_stop(signum, frame):
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)  # one stop is enough; a second must not cut the cleanup short
     raise _Stop()
 
 
@@ -214,6 +218,7 @@ def _wait_uep(pid: int, grace: int) -> int:
 
 def _kill_orphans(group: int) -> None:
     """KILL and reap the UEP's group and what it left outside it (setsid, double fork): we are its subreaper."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)  # a stop signal now must not leave orphans behind
     while True:
         kill(-group, signal.SIGKILL)
         with open(f"/proc/self/task/{os.getpid()}/children") as f:

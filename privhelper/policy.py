@@ -7,13 +7,11 @@ import pwd
 import stat
 import tomllib
 
-DEFAULT_ENV_DENY = (
-    "LD_*", "PYTHON*", "BASH_FUNC_*", "MALLOC_*", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES",
-    "BASH_ENV", "ENV", "IFS", "CDPATH", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND",
-    "NLSPATH", "LOCPATH", "HOSTALIASES", "RESOLV_HOST_CONF", "RES_OPTIONS", "LOCALDOMAIN",
-    "NIS_PATH", "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS",
-    "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS",
-)
+DEFAULT_ENV_DENY = ("LD_*", "PYTHON*", "BASH_FUNC_*", "MALLOC_*", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES",
+                    "BASH_ENV", "ENV", "IFS", "CDPATH", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "NLSPATH",
+                    "LOCPATH", "HOSTALIASES", "RESOLV_HOST_CONF", "RES_OPTIONS", "LOCALDOMAIN", "NIS_PATH",
+                    "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "JAVA_TOOL_OPTIONS",
+                    "_JAVA_OPTIONS")
 # set by the helper from the passwd entry; neither PAM nor the broker may replace them
 FIXED_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
 NOBODY_UIDS = frozenset({65534, (1 << 32) - 2, (1 << 32) - 1})

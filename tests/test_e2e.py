@@ -12,7 +12,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from tests import e2e_rig, mep_rig
+from tests import e2e_rig, mep_rig, rig
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -187,3 +187,32 @@ def test_idle_uep_stops_and_the_next_task_starts_a_fresh_one(service, mep):
     second = run(service, m, "mept-alice@example.org", body)
     assert second["pid"] != first["pid"] and len(started(m)) == 2
 
+
+
+PARSL_TEMPLATE = """\
+engine:
+  type: GlobusComputeEngine
+  max_workers_per_node: 2
+  provider:
+    type: LocalProvider
+    init_blocks: 1
+    min_blocks: 0
+    max_blocks: 1
+heartbeat_period: 5
+"""
+
+
+def test_parsl_globus_compute_engine_with_a_local_provider(service, mep, accounts):
+    """The template runs Parsl's engine; stopping the MEP leaves none of its worker pool
+    (started in its own process group, so killing the UEP's group misses it; the session
+    process, as subreaper, catches it)."""
+    # Parsl's engine does not finish a TERM shutdown within the default 30 s grace; 5 s
+    # makes the MEP's KILL path (and the subreaper) do the work within the test
+    m = mep(template=PARSL_TEMPLATE, config={"mu_child_ep_grace_period_s": 5})
+    out = run(service, m, "mept-bob@example.org", "    print(json.dumps(ex.submit(whoami, 4).result(timeout=150)))")
+    assert out["user"] == "mept-bob" and out["uid"] == accounts.bob.pw_uid and out["x"] == 8
+    assert out["pid"] not in started(m)  # a Parsl worker process, not the UEP itself
+    workers = rig.processes_of(accounts.bob.pw_name)
+    assert len(workers) > 3 and len({os.getpgid(p) for p in workers if os.path.exists(f"/proc/{p}")}) > 1
+    assert m.stop() == 0
+    assert e2e_rig.gone(workers)
