@@ -185,14 +185,20 @@ class ComputeService:
         return {"request_id": str(uuid.uuid4()), "task_group_id": group, "endpoint_id": mep.id, "tasks": out}
 
     async def _user_endpoint(self, mep: Endpoint, identity: dict, config: dict, runtime: dict) -> UserEndpoint:
+        """The UEP for this user and config, with a fresh password at every submission:
+        the start command carries it, and the MEP hands it to a running UEP through its
+        credential memfd, which the UEP reads when it next connects."""
         uid = uep_id(mep.id, identity["id"], config, runtime)
-        if uid in self.ueps:
-            return self.ueps[uid]
         tasks_q, results, heartbeats = f"uep.{uid}.tasks", f"uep.{uid}.results", f"uep.{uid}.heartbeats"
+        url = await self.rabbit.account(f"uep-{uid}", read=(tasks_q,), write=(results, heartbeats))
+        if uid in self.ueps:
+            uep = self.ueps[uid]
+            for info in ("task_queue_info", "result_queue_info", "heartbeat_queue_info"):
+                uep.amqp_creds[info]["connection_url"] = url
+            return uep
         await self.rabbit.queue(tasks_q)
         result_q = await self.rabbit.exchange_to_queue(results, "results")
         heartbeat_q = await self.rabbit.exchange_to_queue(heartbeats, "heartbeats")
-        url = await self.rabbit.account(f"uep-{uid}", read=(tasks_q,), write=(results, heartbeats))
 
         def publish_info(name: str, key: str) -> dict:
             return {"connection_url": url, "exchange": name, "queue": name,

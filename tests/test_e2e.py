@@ -4,6 +4,7 @@ mapped user -> results back to the submitting user only."""
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import pathlib
 import signal
@@ -65,6 +66,28 @@ def test_second_submission_reuses_the_running_uep_and_refreshes_its_credentials(
     second = run(service, m, "mept-alice@example.org", body)
     assert first["pid"] == second["pid"] and started(m) == [first["pid"]]
     assert "user endpoint already running; credentials refreshed" in m.output()
+
+
+def test_rotated_credentials_reach_the_running_uep_through_the_memfd(service, mep):
+    """Every submission gives the UEP's RabbitMQ account a new password; the MEP writes the
+    new credentials into the running UEP's memfd. Cut the UEP's connections: it must
+    reconnect with what the memfd holds now, since the old password no longer works."""
+    m = mep()
+    body = "    print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"
+    first = run(service, m, "mept-alice@example.org", body)
+    second = run(service, m, "mept-alice@example.org", body)
+    mep_rig.wait_for(lambda: "credentials refreshed" in m.output(), what="the refresh")
+    uep = json.loads(m.mepctl("list", "--json").stdout)["user_endpoints"][0]["name"]
+    listed = rig.run("rabbitmqctl", "-q", "list_connections", "user", "pid").stdout.splitlines()
+    connections = [line.split("\t")[1] for line in listed if line.startswith(f"uep-{uep}\t")]
+    assert len(connections) >= 2, listed  # task subscriber, result and heartbeat publishers
+    for pid in connections:
+        rig.run("rabbitmqctl", "-q", "close_connection", pid, "test: reconnect with the current credentials")
+    third = run(service, m, "mept-alice@example.org", body)
+    assert first["pid"] == second["pid"] == third["pid"] and started(m) == [first["pid"]]
+    listed = rig.run("rabbitmqctl", "-q", "list_connections", "user", "pid").stdout.splitlines()
+    again = {line.split("\t")[1] for line in listed if line.startswith(f"uep-{uep}\t")}
+    assert again and not again & set(connections)  # new connections, made with the new password
 
 
 def test_user_endpoint_config_reaches_the_uep(service, mep):
