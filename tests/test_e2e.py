@@ -3,11 +3,14 @@ RabbitMQ -> the MEP (root helper + broker) -> the real globus-compute-endpoint U
 mapped user -> results back to the submitting user only."""
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import signal
+import urllib.request
 
 import aio_pika
 import aiormq
@@ -115,6 +118,19 @@ def test_a_uep_killed_by_hand_is_restarted_by_the_next_task(service, mep):
     assert second["pid"] != first["pid"] and started(m) == [first["pid"], second["pid"]]
 
 
+def test_an_exception_in_the_function_comes_back_to_the_user(service, mep):
+    m = mep()
+    body = """    def boom(x):
+        raise ValueError(f"bad input {x}")
+    try:
+        ex.submit(boom, 7).result(timeout=90)
+        print(json.dumps({"error": None}))
+    except Exception as e:
+        print(json.dumps({"type": type(e).__name__, "error": str(e)}))"""
+    out = run(service, m, "mept-alice@example.org", body)
+    assert out["type"] == "TaskExecutionFailed" and "ValueError: bad input 7" in out["error"]
+
+
 def test_unmapped_identity_fails_the_future_with_the_meps_message(service, mep):
     m = mep()
     body = """    try:
@@ -169,6 +185,13 @@ def test_one_user_cannot_read_another_users_results(service, mep):
                 return "refused"
     assert asyncio.run(consume(bob["url"]["connection_url"], alice_queue)) == "refused"
     assert asyncio.run(consume(alice["url"]["connection_url"], alice_queue)) == "read"
+    # and each UEP's own account may read its own task queue and nothing else
+    ueps = {u["user"]: u["name"] for u in json.loads(m.mepctl("list", "--json").stdout)["user_endpoints"]}
+    for user, uep in ueps.items():
+        perms = management(f"/api/permissions/%2F/uep-{uep}")
+        other = next(u for n, u in ueps.items() if n != user)
+        assert re.fullmatch(perms["read"], f"uep.{uep}.tasks") and not re.fullmatch(perms["read"], f"uep.{other}.tasks")
+        assert perms["configure"] == "^$" and not re.fullmatch(perms["write"], f"uep.{other}.results")
 
 
 def test_mep_stopped_mid_task_leaves_no_uep_and_fails_the_future(service, mep):
@@ -194,6 +217,14 @@ def test_mep_stopped_mid_task_leaves_no_uep_and_fails_the_future(service, mep):
         out = future.result(timeout=120)
     assert e2e_rig.gone(pids)
     assert "The multi-user endpoint is shutting down and stopped this user endpoint" in out["error"]
+
+
+def management(path: str) -> dict:
+    """GET from RabbitMQ's management API as guest."""
+    request = urllib.request.Request(f"http://127.0.0.1:15672{path}",
+                                     headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)
 
 
 def uep_log() -> str:
