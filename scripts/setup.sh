@@ -16,7 +16,8 @@ fi
 # Debian packages: the interpreter the helper runs on (outside /root, so users can reach
 # the UEP interpreter), PAM modules the tests use, runuser/setpriv, systemd tools for
 # socket activation and unit checks, RabbitMQ for the broker.
-pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps)
+pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps
+      gcc libc6-dev sudo)  # the last three for bench/: the static probe, and sudo as a baseline
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -52,7 +53,7 @@ fi
 # and the broker and UEP accounts can read it.
 say "installing the project into $VENV"
 rm -rf build  # a stale build/lib would install modules that no longer exist
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-script-location ".[test,service]"
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-script-location ".[test,service,bench]"
 # setuptools' distutils-precedence.pth would import _distutils_hack into every
 # interpreter of this venv, the root helper's included: keep it out.
 if "$VENV/bin/python3" -c 'import importlib.util,sys; sys.exit(importlib.util.find_spec("setuptools") is None)'; then

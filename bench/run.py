@@ -1,0 +1,147 @@
+"""`python3 -m bench.run`: every benchmark in one go, as root, on this machine.
+
+Prints a table and comparison lines, writes bench/results/results.json and PNG plots
+(latency distributions; throughput against concurrency). docs/performance.md explains
+what each figure measures and the goals. `--quick` runs a small version (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+from bench import fixture, memory, spawn, surface
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def percentiles(samples_ns: list) -> dict:
+    q = statistics.quantiles(samples_ns, n=100, method="inclusive")
+    return {"n": len(samples_ns), "p50_ms": q[49] / 1e6, "p95_ms": q[94] / 1e6, "p99_ms": q[98] / 1e6}
+
+
+def concurrency_curve(fx, levels, total, say) -> dict:
+    curve = {"helper (PAM off)": {}, "runuser": {}}
+    for level in levels:
+        say(f"throughput at concurrency {level}")
+        curve["helper (PAM off)"][level] = asyncio.run(
+            spawn.helper_burst(fx.policy_nopam, fx.key, fx.accounts, total, level))
+        curve["runuser"][level] = asyncio.run(spawn.baseline_burst(
+            lambda u: spawn.baselines(u, fx.probe)["runuser"], fx.accounts, total, level))
+    return curve
+
+
+def plots(results: dict, out: pathlib.Path) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    raw = results["spawn"]["latency_ns"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.boxplot([[v / 1e6 for v in raw[k]] for k in raw], tick_labels=list(raw), showfliers=True)
+    ax.set_ylabel("spawn latency, ms (request -> probe's first instruction)")
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    latency_png = out / "spawn_latency.png"
+    fig.savefig(latency_png, dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in results["throughput_vs_concurrency"].items():
+        levels = sorted(points, key=int)
+        ax.plot([int(c) for c in levels], [points[c] for c in levels], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("requests in flight")
+    ax.set_ylabel("spawns per second")
+    ax.legend()
+    fig.tight_layout()
+    throughput_png = out / "spawn_throughput.png"
+    fig.savefig(throughput_png, dpi=110)
+    return [str(latency_png), str(throughput_png)]
+
+
+def table(results: dict) -> str:
+    lat = results["spawn"]["latency"]
+    bare = lat["bare fork+setuid+exec"]["p50_ms"]
+    rows = [f"{'spawn latency':28} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'x bare fork':>12}"]
+    for name, s in lat.items():
+        rows.append(f"{name:28} {s['n']:>5} {s['p50_ms']:>8.2f} {s['p95_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+                    f"{s['p50_ms'] / bare:>12.2f}")
+    rows.append("")
+    rows.append(f"{'spawn throughput (burst)':28} {'spawns/s':>9}")
+    for name, rate in results["spawn"]["throughput_per_s"].items():
+        rows.append(f"{name:28} {rate:>9.0f}")
+    mem = results["memory"]
+    rows.append("")
+    rows.append("helper RSS: " + ", ".join(f"{k.removesuffix('_kib')} {v / 1024:.1f} MiB" for k, v in mem.items()
+                                         if k.endswith("_kib")) + f"; growth {mem['growth_per_cycle_bytes']:.2f} B/cycle")
+    s = results["surface"]
+    rows.append(f"root surface: ours {s['ours']['total']['modules']} modules / {s['ours']['total']['lines']:,} lines "
+                f"({s['ours']['root_part_lines']:,} of our own); upstream's root MEP {s['upstream']['total']['modules']} "
+                f"modules / {s['upstream']['total']['lines']:,} lines "
+                f"({s['upstream']['total']['lines'] / s['ours']['total']['lines']:.1f}x)")
+    return "\n".join(rows)
+
+
+def comparisons(results: dict) -> list:
+    lat, tput, mem = results["spawn"]["latency"], results["spawn"]["throughput_per_s"], results["memory"]
+    overhead = lat["helper (PAM off)"]["p50_ms"] - lat["bare fork+setuid+exec"]["p50_ms"]
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    return [
+        f"privilege-separation overhead over the bare fork path at p50: {overhead:.2f} ms "
+        f"(goal < 2 ms: {verdict(overhead < 2)})",
+        f"helper with PAM vs runuser at p50: {lat['helper (PAM on)']['p50_ms']:.2f} vs {lat['runuser']['p50_ms']:.2f} ms "
+        f"(goal: no slower; {verdict(lat['helper (PAM on)']['p50_ms'] <= lat['runuser']['p50_ms'])}; runuser's own "
+        "PAM stack, not the same one)",
+        f"burst throughput: {tput['helper (PAM off)']:.0f}/s without PAM (goal >= 200: "
+        f"{verdict(tput['helper (PAM off)'] >= 200)}), {tput['helper (PAM on)']:.0f}/s with PAM (goal >= 100: "
+        f"{verdict(tput['helper (PAM on)'] >= 100)})",
+        f"helper RSS idle {mem['idle_kib'] / 1024:.1f} MiB (goal < 20 MB: {verdict(mem['idle_kib'] * 1024 < 20e6)}); "
+        f"growth {mem['growth_per_cycle_bytes']:.2f} B per spawn-and-reap cycle (goal: none: "
+        f"{verdict(mem['growth_per_cycle_bytes'] <= 0)})",
+    ]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke test, not a measurement")
+    p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.run: run as root (it creates users, PAM services and helper policies)", file=sys.stderr)
+        return 77
+    n, burst, cycles, levels = (30, 100, 300, (1, 8)) if args.quick else (300, 500, 10000, (1, 4, 16, 64, 256))
+    say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.monotonic()
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+               "quick": args.quick}
+    with fixture.Fixture(users=50) as fx:
+        raw = spawn.measure(fx, n, burst, say)
+        results["spawn"] = {"latency": {k: percentiles(v) for k, v in raw["latency_ns"].items()},
+                            "throughput_per_s": raw["throughput_per_s"], "latency_ns": raw["latency_ns"]}
+        results["throughput_vs_concurrency"] = concurrency_curve(fx, levels, burst, say)
+        results["memory"] = memory.measure(fx, cycles, say)
+    results["surface"] = surface.measure(say)
+    results["seconds"] = round(time.monotonic() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = plots(results, args.out)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print()
+    for line in comparisons(results):
+        print(line)
+    print(f"\nJSON: {args.out / 'results.json'}; plots: {', '.join(results['plots']) or '(matplotlib missing)'}; "
+          f"{results['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""bench/ must keep working: its quick mode runs every benchmark once, small, as root.
+No timing is asserted here (speed is measured by `python3 -m bench.run`, never by tests);
+this checks that each measurement happened and is self-consistent."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import rig
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def test_quick_benchmark_produces_every_figure(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=rig.ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    latency = results["spawn"]["latency"]
+    assert set(latency) == {"helper (PAM off)", "helper (PAM on)", "runuser", "setpriv", "sudo",
+                            "bare fork+setuid+exec"}
+    for name, s in latency.items():
+        assert s["n"] == 30 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], (name, s)
+    assert all(rate > 0 for rate in results["spawn"]["throughput_per_s"].values())
+    assert results["memory"]["idle_kib"] > 0 and "with_100_children_kib" in results["memory"]
+    ours, upstream = results["surface"]["ours"], results["surface"]["upstream"]
+    assert ours["third-party"]["modules"] == 0 and upstream["total"]["modules"] > ours["total"]["modules"]
+    assert all(p.endswith(".png") and (tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 0 for p in results["plots"])
+    assert "privilege-separation overhead over the bare fork path" in out.stdout
