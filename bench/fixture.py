@@ -10,9 +10,9 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 
-import privhelper
 from privhelper.__main__ import isolated_argv
 
 PREFIX = "mepb-"
@@ -23,9 +23,17 @@ PAM_STACK = ("account required pam_unix.so\n"
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def helper_code_dir() -> str:
+    """The installed helper (scripts/setup.sh), in the venv's root-owned site-packages: the
+    helper refuses to run code from a directory others can write, as a checkout under /tmp."""
+    purelib = pathlib.Path(sysconfig.get_paths()["purelib"])
+    if not (purelib / "privhelper" / "__main__.py").exists():
+        raise RuntimeError(f"no installed helper in {purelib}; run scripts/setup.sh first")
+    return str(purelib)
+
+
 def helper_argv(policy: pathlib.Path, *mode: str) -> list:
-    code_dir = str(pathlib.Path(privhelper.__file__).resolve().parent.parent)
-    return isolated_argv(PYTHON, code_dir, ["--policy", str(policy), *mode])
+    return isolated_argv(PYTHON, helper_code_dir(), ["--policy", str(policy), *mode])
 
 
 def run(*cmd) -> None:

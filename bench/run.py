@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench import fixture, memory, spawn, surface
+from bench import fixture, memory, mep, spawn, surface
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -79,8 +79,13 @@ def table(results: dict) -> str:
     rows.append(f"{'spawn throughput (burst)':28} {'spawns/s':>9}")
     for name, rate in results["spawn"]["throughput_per_s"].items():
         rows.append(f"{name:28} {rate:>9.0f}")
-    mem = results["memory"]
+    mem, m = results["memory"], results["mep"]
     rows.append("")
+    rows.append(f"MEP overhead (command published -> UEP exec'd, {m['offered_per_s']:.0f}/s offered): "
+                f"n {m['latency']['n']}, p50 {m['latency']['p50_ms']:.1f} ms, p95 {m['latency']['p95_ms']:.1f} ms, "
+                f"p99 {m['latency']['p99_ms']:.1f} ms")
+    rows.append("broker RSS: " + ", ".join(f"{k.removesuffix('_kib')} {v / 1024:.1f} MiB"
+                                         for k, v in m["broker_memory"].items()))
     rows.append("helper RSS: " + ", ".join(f"{k.removesuffix('_kib')} {v / 1024:.1f} MiB" for k, v in mem.items()
                                          if k.endswith("_kib")) + f"; growth {mem['growth_per_cycle_bytes']:.2f} B/cycle")
     s = results["surface"]
@@ -104,6 +109,9 @@ def comparisons(results: dict) -> list:
         f"burst throughput: {tput['helper (PAM off)']:.0f}/s without PAM (goal >= 200: "
         f"{verdict(tput['helper (PAM off)'] >= 200)}), {tput['helper (PAM on)']:.0f}/s with PAM (goal >= 100: "
         f"{verdict(tput['helper (PAM on)'] >= 100)})",
+        f"MEP overhead at 50 commands/s: p50 {results['mep']['latency']['p50_ms']:.1f} ms (goal < 15: "
+        f"{verdict(results['mep']['latency']['p50_ms'] < 15)}), p99 {results['mep']['latency']['p99_ms']:.1f} ms "
+        f"(goal < 50: {verdict(results['mep']['latency']['p99_ms'] < 50)})",
         f"helper RSS idle {mem['idle_kib'] / 1024:.1f} MiB (goal < 20 MB: {verdict(mem['idle_kib'] * 1024 < 20e6)}); "
         f"growth {mem['growth_per_cycle_bytes']:.2f} B per spawn-and-reap cycle (goal: none: "
         f"{verdict(mem['growth_per_cycle_bytes'] <= 0)})",
@@ -118,7 +126,8 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("bench.run: run as root (it creates users, PAM services and helper policies)", file=sys.stderr)
         return 77
-    n, burst, cycles, levels = (30, 100, 300, (1, 8)) if args.quick else (300, 500, 10000, (1, 4, 16, 64, 256))
+    n, burst, cycles, levels, commands = ((30, 100, 300, (1, 8), 50) if args.quick else
+                                          (300, 500, 10000, (1, 4, 16, 64, 256), 500))
     say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.monotonic()
     results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
@@ -129,6 +138,8 @@ def main(argv=None) -> int:
                             "throughput_per_s": raw["throughput_per_s"], "latency_ns": raw["latency_ns"]}
         results["throughput_vs_concurrency"] = concurrency_curve(fx, levels, burst, say)
         results["memory"] = memory.measure(fx, cycles, say)
+        overhead = mep.measure(fx, commands, 50, 100, say)
+        results["mep"] = {"latency": percentiles(overhead.pop("latency_ns")), **overhead}
     results["surface"] = surface.measure(say)
     results["seconds"] = round(time.monotonic() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)

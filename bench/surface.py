@@ -50,9 +50,8 @@ def summarize(files: dict, own: tuple) -> dict:
 
 def measure(say=print) -> dict:
     say("root surface: the helper's import closure")
-    helper_argv = fixture.helper_argv(pathlib.Path("/dev/null"))[:5]  # python3 -I -S -c <boot>: drop the boot
-    code_dir = str(pathlib.Path(fixture.privhelper.__file__).resolve().parent.parent)
-    ours = loaded(helper_argv[:3] + ["-c"], f"sys.path.insert(0, {code_dir!r})\nimport privhelper.__main__")
+    code_dir = fixture.helper_code_dir()
+    ours = loaded([fixture.PYTHON, "-I", "-S", "-c"], f"sys.path.insert(0, {code_dir!r})\nimport privhelper.__main__")
     say("root surface: upstream's MEP (globus_compute_endpoint.cli and its multi-user path)")
     upstream = loaded([UEP_PYTHON, "-I", "-c"], "sys.argv = ['/opt/mep/uep-venv/bin/globus-compute-endpoint']\n"
                       "import globus_compute_endpoint.cli\n"

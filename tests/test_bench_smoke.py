@@ -25,6 +25,7 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
         assert s["n"] == 30 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], (name, s)
     assert all(rate > 0 for rate in results["spawn"]["throughput_per_s"].values())
     assert results["memory"]["idle_kib"] > 0 and "with_100_children_kib" in results["memory"]
+    assert results["mep"]["latency"]["n"] == 50 and results["mep"]["broker_memory"]["with_100_ueps_kib"] > 0
     ours, upstream = results["surface"]["ours"], results["surface"]["upstream"]
     assert ours["third-party"]["modules"] == 0 and upstream["total"]["modules"] > ours["total"]["modules"]
     assert all(p.endswith(".png") and (tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 0 for p in results["plots"])
