@@ -45,7 +45,7 @@ def cleanup() -> None:
         users = [line.split(":")[0] for line in f if line.startswith(PREFIX)]
     for user in users:
         subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
-        subprocess.run(["userdel", "--force", user], capture_output=True)
+        subprocess.run(["userdel", "--force", "--remove", user], capture_output=True)
     pathlib.Path("/etc/pam.d", PAM_SERVICE).unlink(missing_ok=True)
     for path in pathlib.Path("/run").glob(PREFIX + "*"):
         shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench import fixture, memory, mep, spawn, surface
+from bench import e2e, fixture, memory, mep, spawn, surface
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -84,6 +84,10 @@ def table(results: dict) -> str:
     rows.append(f"MEP overhead (command published -> UEP exec'd, {m['offered_per_s']:.0f}/s offered): "
                 f"n {m['latency']['n']}, p50 {m['latency']['p50_ms']:.1f} ms, p95 {m['latency']['p95_ms']:.1f} ms, "
                 f"p99 {m['latency']['p99_ms']:.1f} ms")
+    e = results["e2e"]
+    rows.append(f"end to end (SDK submit -> result): cold p50 {e['cold']['p50_ms'] / 1000:.2f} s "
+                f"(MEP's share {e['cold_start_mep_share']:.0%}), warm p50 {e['warm']['p50_ms']:.0f} ms, "
+                f"p99 {e['warm']['p99_ms']:.0f} ms; {e['tasks_per_s']:.0f} tasks/s through one warm UEP")
     rows.append("broker RSS: " + ", ".join(f"{k.removesuffix('_kib')} {v / 1024:.1f} MiB"
                                          for k, v in m["broker_memory"].items()))
     rows.append("helper RSS: " + ", ".join(f"{k.removesuffix('_kib')} {v / 1024:.1f} MiB" for k, v in mem.items()
@@ -126,8 +130,9 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("bench.run: run as root (it creates users, PAM services and helper policies)", file=sys.stderr)
         return 77
-    n, burst, cycles, levels, commands = ((30, 100, 300, (1, 8), 50) if args.quick else
-                                          (300, 500, 10000, (1, 4, 16, 64, 256), 500))
+    n, burst, cycles, levels, commands, e2e_counts = (
+        (30, 100, 300, (1, 8), 50, (2, 3, 20)) if args.quick else
+        (300, 500, 10000, (1, 4, 16, 64, 256), 500, (10, 50, 500)))
     say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.monotonic()
     results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
@@ -140,6 +145,12 @@ def main(argv=None) -> int:
         results["memory"] = memory.measure(fx, cycles, say)
         overhead = mep.measure(fx, commands, 50, 100, say)
         results["mep"] = {"latency": percentiles(overhead.pop("latency_ns")), **overhead}
+        end = e2e.measure(fx, *e2e_counts, say=say)
+        split = end.pop("cold_start_split")
+        results["e2e"] = {"cold": percentiles(end.pop("cold_ns")), "warm": percentiles(end.pop("warm_ns")), **end,
+                          "cold_start_mep_share": statistics.median(x["mep_s"] / (x["mep_s"] + x["uep_s"])
+                                                                    for x in split),
+                          "cold_start_split_s": split}
     results["surface"] = surface.measure(say)
     results["seconds"] = round(time.monotonic() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)

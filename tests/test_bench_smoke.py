@@ -25,6 +25,8 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
         assert s["n"] == 30 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], (name, s)
     assert all(rate > 0 for rate in results["spawn"]["throughput_per_s"].values())
     assert results["memory"]["idle_kib"] > 0 and "with_100_children_kib" in results["memory"]
+    assert results["e2e"]["cold"]["n"] == 2 and results["e2e"]["warm"]["n"] == 3 and results["e2e"]["tasks_per_s"] > 0
+    assert 0 < results["e2e"]["cold_start_mep_share"] < 1
     assert results["mep"]["latency"]["n"] == 50 and results["mep"]["broker_memory"]["with_100_ueps_kib"] > 0
     ours, upstream = results["surface"]["ours"], results["surface"]["upstream"]
     assert ours["third-party"]["modules"] == 0 and upstream["total"]["modules"] > ours["total"]["modules"]

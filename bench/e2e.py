@@ -1,0 +1,138 @@
+"""End to end: the real SDK submitting to the MEP through the local compute service, with
+the real globus-compute-endpoint as the UEP. Cold (each submission needs a new UEP: a
+new user_endpoint_config value gives a new UEP id) and warm (the UEP is running), tasks/s
+through one warm UEP, and how a cold start divides between the MEP (submit -> UEP exec'd,
+from the broker's log) and the UEP's own start-up (exec'd -> result).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+
+from bench import fixture
+
+UEP_PROGRAM = "/opt/mep/uep-venv/bin/mep-uep-start"
+TEMPLATE = """engine:
+  type: ThreadPoolEngine
+  max_workers: 4
+# tag: {{ tag | default(0) }}
+"""
+SDK_SCRIPT = """
+import json, os, sys, time
+import globus_sdk
+from globus_compute_sdk import Client, Executor
+cold, warm, rate = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+client = Client(local_compute_services=True, authorizer=globus_sdk.AccessTokenAuthorizer(os.environ["GC_TOKEN"]))
+def noop(x):
+    return x
+fid = client.register_function(noop)
+out = {"cold": [], "warm": []}
+def once(config):
+    # a fresh Executor per sample: the SDK rate-limits each one after 4 submissions in 16 s
+    with Executor(endpoint_id=sys.argv[1], client=client, user_endpoint_config=config) as ex:
+        t0 = time.time()
+        ex.submit_to_registered_function(fid, args=(1,)).result(timeout=120)
+        return [t0, time.time()]
+for i in range(cold):
+    out["cold"].append(once({"tag": i + 1}))
+for i in range(warm):
+    out["warm"].append(once({"tag": cold}))
+# throughput: one Executor with the SDK's largest burst allowance (8 submissions per second)
+with Executor(endpoint_id=sys.argv[1], client=client, user_endpoint_config={"tag": cold}, api_burst_limit=8,
+              api_burst_window_s=1) as ex:
+    t0 = time.time()
+    futures = [ex.submit_to_registered_function(fid, args=(i,)) for i in range(rate)]
+    for f in futures:
+        f.result(timeout=300)
+    out["tasks_per_s"] = rate / (time.time() - t0)
+print(json.dumps(out))
+"""
+
+
+def identity(username: str) -> dict:
+    ident = str(uuid.uuid5(uuid.NAMESPACE_DNS, username))
+    return {"id": ident, "sub": ident, "username": username, "name": username.split("@")[0], "status": "used",
+            "identity_provider": str(uuid.UUID(int=7))}
+
+
+def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> dict:
+    user = f"{fixture.PREFIX}e2e"
+    fixture.run("useradd", "--create-home", "--shell", "/bin/bash", user)
+    python = f"{sys.prefix}/bin/python3"
+    d = fx.dir / "e2e"
+    d.mkdir(mode=0o755)
+    tokens = {"user": secrets.token_hex(16), "admin": secrets.token_hex(16)}
+    (d / "identities.json").write_text(json.dumps({"tokens": {
+        tokens["user"]: [identity(f"{user}@bench.example")], tokens["admin"]: [identity("admin@bench.example")]}}))
+    service_log = open(d / "service.log", "w")
+    service = subprocess.Popen([python, "-I", "-m", "localservice", "--identities", str(d / "identities.json")],
+                               stdout=service_log, stderr=subprocess.STDOUT)
+    conf = d / "mep"
+    conf.mkdir(mode=0o755)
+    (conf / "token").write_text(tokens["admin"])
+    os.chown(conf / "token", 0, fx.broker.pw_gid)
+    os.chmod(conf / "token", 0o640)
+    files = {"config.yaml": json.dumps({"multi_user": True, "identity_mapping_config_path": "idmap.json",
+                                        "compute_service_url": "http://127.0.0.1:5000",
+                                        "compute_service_token_file": str(conf / "token"),
+                                        "mu_child_ep_grace_period_s": 5}),
+             "idmap.json": json.dumps([{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": [
+                 {"source": "{username}", "match": r"(.*)@bench\.example", "output": "{0}"}]}]),
+             "user_config_template.yaml.j2": TEMPLATE, "user_config_schema.json": "{}"}
+    for name, text in files.items():
+        (conf / name).write_text(text)
+    for name in ("endpoint.log", "run"):
+        path = conf / name
+        path.mkdir(mode=0o700) if name == "run" else path.touch(mode=0o640)
+        os.chown(path, fx.broker.pw_uid, fx.broker.pw_gid)
+    broker_argv = [python, "-I", "-m", "broker.main", "--conf-dir", str(conf), "--key", str(fx.dir / "key")]
+    policy = fx.policy_nopam.read_text().replace("uep_argv", f"broker_argv = {json.dumps(broker_argv)}\nuep_argv", 1)
+    policy = policy.replace(f'"{fx.probe}"', f'"{UEP_PROGRAM}", "_start-user-endpoint"', 1)
+    (conf / "policy.toml").write_text(policy)
+    mep_log = open(conf / "helper.log", "w")
+    mep = None
+    try:
+        deadline = time.monotonic() + 30
+        while "local compute service on" not in (d / "service.log").read_text():
+            if service.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local service did not start:\n{(d / 'service.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        mep = subprocess.Popen(fixture.helper_argv(conf / "policy.toml", "--launch"), stdout=mep_log,
+                               stderr=subprocess.STDOUT)
+        while "consuming start commands" not in (conf / "endpoint.log").read_text():
+            if mep.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the MEP did not start:\n{(conf / 'endpoint.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        endpoint_id = json.loads((conf / "run" / "endpoint.json").read_text())["endpoint_id"]
+        say(f"end to end: {cold} cold and {warm} warm submissions, then {rate} tasks through one UEP")
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(d), "GC_TOKEN": tokens["user"]}
+        out = subprocess.run([python, "-c", SDK_SCRIPT, endpoint_id, str(cold), str(warm), str(rate)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        if out.returncode:
+            raise RuntimeError(f"the SDK script failed:\n{out.stderr[-3000:]}")
+        data = json.loads(out.stdout.splitlines()[-1])
+        started = [datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+                   for line in (conf / "endpoint.log").read_text().splitlines() if "user endpoint started" in line]
+        shares = [{"mep_s": s - t0, "uep_s": t1 - s} for (t0, t1), s in zip(data["cold"], started)]
+        return {"cold_ns": [int((b - a) * 1e9) for a, b in data["cold"]],
+                "warm_ns": [int((b - a) * 1e9) for a, b in data["warm"]],
+                "tasks_per_s": data["tasks_per_s"], "cold_start_split": shares}
+    finally:
+        if mep is not None and mep.poll() is None:
+            broker = subprocess.run(["pgrep", "-P", str(mep.pid)], capture_output=True, text=True).stdout.split()
+            if broker:
+                os.kill(int(broker[0]), 15)
+            mep.wait(60)
+        service.terminate()
+        service.wait(30)
+        service_log.close()
+        mep_log.close()
+        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
+        subprocess.run(["userdel", "--force", "--remove", user], capture_output=True)
