@@ -1,6 +1,6 @@
 """What the benchmarks run against, made and removed by them (as root): bench users
-`mepb-NN`, a broker account, a PAM service `mepb-bench` (pam_unix account, pam_unix and
-pam_limits session), the static probe, helper policies and a key, under /run/mepb-*."""
+`mepb-NN`, a broker account, a PAM service `mepb-bench` (pam_unix account; runuser's
+session stack: pam_keyinit, pam_limits, pam_unix), the static probe, helper policies and a key, under /run/mepb-*."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from privhelper.__main__ import isolated_argv
 PREFIX = "mepb-"
 PYTHON = "/usr/bin/python3"
 PAM_SERVICE = PREFIX + "bench"
+# runuser's session stack (Debian's /etc/pam.d/runuser), plus the account check that the
+# helper makes and runuser, run by root, skips
 PAM_STACK = ("account required pam_unix.so\n"
-             "session required pam_unix.so\nsession required pam_limits.so\n")
+             "session optional pam_keyinit.so revoke\nsession required pam_limits.so\nsession required pam_unix.so\n")
 HERE = pathlib.Path(__file__).resolve().parent
 
 
