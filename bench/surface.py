@@ -1,7 +1,7 @@
 """Root surface: the code that runs as root, measured from what each process really loads.
 
-Ours: the helper as it runs (`python3 -I -S`, its own code only) after importing its
-entry point: every module in sys.modules and the non-blank lines of their files, split
+Ours: the helper as it runs (`python3 -I -S`, its own code only) after importing every
+module of protocol/ and privhelper/: every module in sys.modules and the non-blank lines of their files, split
 into the project's root part (protocol/, privhelper/) and the standard library.
 Upstream's all-root MEP: the same for `globus_compute_endpoint.cli` and what its MEP
 imports, in the pinned UEP venv (globus-compute-endpoint, -sdk, -common and every
@@ -51,7 +51,9 @@ def summarize(files: dict, own: tuple) -> dict:
 def measure(say=print) -> dict:
     say("root surface: the helper's import closure")
     code_dir = fixture.helper_code_dir()
-    ours = loaded([fixture.PYTHON, "-I", "-S", "-c"], f"sys.path.insert(0, {code_dir!r})\nimport privhelper.__main__")
+    every = "\n".join(f"import {pkg}.{p.stem}" for pkg in ("protocol", "privhelper")
+                      for p in sorted((pathlib.Path(code_dir) / pkg).glob("*.py")) if p.stem != "__init__")
+    ours = loaded([fixture.PYTHON, "-I", "-S", "-c"], f"sys.path.insert(0, {code_dir!r})\n{every}")
     say("root surface: upstream's MEP (globus_compute_endpoint.cli and its multi-user path)")
     upstream = loaded([UEP_PYTHON, "-I", "-c"], "sys.argv = ['/opt/mep/uep-venv/bin/globus-compute-endpoint']\n"
                       "import globus_compute_endpoint.cli\n"

@@ -6,7 +6,7 @@ broker's (broker/session.py). Handshake and MAC rules: docs/root-code.md.
 
 import hashlib
 import hmac
-import secrets
+import os
 
 from protocol import canonical, messages
 from protocol.errors import ProtocolError
@@ -87,7 +87,7 @@ class HelperSession(Session):
 
     def __init__(self, key: bytes, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
         super().__init__(key, max_frame, "start")
-        self.nonce = nonce if nonce is not None else secrets.token_bytes(32)
+        self.nonce = nonce if nonce is not None else os.urandom(32)  # = secrets.token_bytes, without loading `random`
 
     def challenge(self) -> bytes:
         self._expect("start", "challenge")
