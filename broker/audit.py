@@ -35,8 +35,10 @@ class AuditLog:
     def _line(self, text: str) -> None:
         if self.broken:
             return
+        line = f"{_now()} {text}\n".encode()
         try:
-            os.write(self.fd, f"{_now()} {text}\n".encode())
+            if (written := os.write(self.fd, line)) != len(line):  # a full disk can cut a record short
+                raise OSError(28, f"short write ({written} of {len(line)} bytes; file system full?)")
         except OSError as e:
             self.broken = f"{self.path}: {e.strerror}"
             self.log.error("audit log write failed; refusing high-assurance starts until restart", error=self.broken)
