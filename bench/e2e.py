@@ -72,7 +72,8 @@ def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> 
     (d / "identities.json").write_text(json.dumps({"tokens": {
         tokens["user"]: [identity(f"{user}@bench.example")], tokens["admin"]: [identity("admin@bench.example")]}}))
     service_log = open(d / "service.log", "w")
-    service = subprocess.Popen([python, "-I", "-m", "localservice", "--identities", str(d / "identities.json")],
+    service = subprocess.Popen([python, "-I", "-m", "localservice", "--identities", str(d / "identities.json"),
+                                "--purge-on-exit"],
                                stdout=service_log, stderr=subprocess.STDOUT)
     conf = d / "mep"
     conf.mkdir(mode=0o755)

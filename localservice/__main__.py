@@ -29,6 +29,9 @@ def parse_args(argv):
                    help="an administrative RabbitMQ account (default %(default)s)")
     p.add_argument("--management-url", default="http://127.0.0.1:15672",
                    help="RabbitMQ's management API (default %(default)s)")
+    p.add_argument("--purge-on-exit", action="store_true",
+                   help="on exit, delete every queue, exchange and RabbitMQ account of the uep./mep./tg. kind "
+                   "(for demos and tests: durable leftovers slow down RabbitMQ restarts)")
     return p.parse_args(argv)
 
 
@@ -46,6 +49,8 @@ async def serve(args) -> int:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+    if args.purge_on_exit:
+        logging.getLogger("localservice").info("purged %d queues, exchanges and accounts", await rabbit.purge())
     await rabbit.close()
     return 0
 

@@ -41,6 +41,24 @@ class Rabbit:
             "connection_name": "mep local compute service"})
         self.channel = await self.connection.channel()
 
+    async def purge(self, queue_prefixes=("uep.", "mep.", "tg."), user_prefixes=("uep-", "mep-", "user-")) -> int:
+        """Delete every queue, exchange and account this service creates (by their name
+        prefixes): a demo or test run must not leave durable queues behind, which pile up
+        and slow down every later RabbitMQ restart. Returns how many were deleted."""
+        deleted = 0
+        for kind, prefixes in (("queues", queue_prefixes), ("exchanges", queue_prefixes), ("users", user_prefixes)):
+            async with self.http.get(f"{self.management_url}/api/{kind}") as r:
+                r.raise_for_status()
+                items = await r.json()
+            for item in items:
+                if not item["name"].startswith(prefixes):
+                    continue
+                where = "" if kind == "users" else "%2F/"
+                async with self.http.delete(
+                        f"{self.management_url}/api/{kind}/{where}{urllib.parse.quote(item['name'], safe='')}") as r:
+                    deleted += r.status in (200, 204)
+        return deleted
+
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()

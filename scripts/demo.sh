@@ -39,7 +39,7 @@ cat > "$RUN/identities.json" <<JSON
 {"tokens": {"$ALICE": $(ident alice@demo.example), "$BOB": $(ident bob@demo.example),
             "$EVE": $(ident eve@elsewhere.example), "$ADMIN": $(ident admin@demo.example)}}
 JSON
-"$PY" -I -m localservice --identities "$RUN/identities.json" --state "$RUN/service-state.json" \
+"$PY" -I -m localservice --identities "$RUN/identities.json" --state "$RUN/service-state.json" --purge-on-exit \
   >"$RUN/service.log" 2>&1 &
 SERVICE_PID=$!
 for _ in $(seq 50); do grep -q "local compute service on" "$RUN/service.log" 2>/dev/null && break; sleep 0.2; done

@@ -64,7 +64,8 @@ class LocalService:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([mep_rig.VENV_PYTHON, "-I", "-c", SERVICE.format(lib=str(rigdir.lib)),
                                       "--identities", str(self.identities_path), "--state", str(self.dir / "state.json"),
-                                      "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+                                      "--port", str(self.port), "--purge-on-exit"], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         mep_rig.wait_for(lambda: "local compute service on" in self.output() or self.proc.poll() is not None,
                          what="the local service")
         assert self.proc.poll() is None, self.output()
