@@ -181,7 +181,9 @@ class LiveMEP:
             os.close(out)
         wait_for(lambda: "consuming start commands" in self.output() or self.proc.poll() is not None,
                  what="the broker to consume")
-        assert self.proc.poll() is None, f"MEP ended at start:\n{self.output()}"
+        if self.proc.poll() is not None:
+            asyncio.run(_delete(*self.queues))  # a MEP that did not start leaves no queue behind
+            raise AssertionError(f"MEP ended at start:\n{self.output()}")
 
     def write(self, name: str, text: str, mode=0o644) -> Path:
         path = self.dir / name
