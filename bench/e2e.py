@@ -14,9 +14,9 @@ import secrets
 import subprocess
 import sys
 import time
-import uuid
 
 from bench import fixture
+from bench.mep import MEP, identity
 
 UEP_PROGRAM = "/opt/mep/uep-venv/bin/mep-uep-start"
 TEMPLATE = """engine:
@@ -56,12 +56,6 @@ print(json.dumps(out))
 """
 
 
-def identity(username: str) -> dict:
-    ident = str(uuid.uuid5(uuid.NAMESPACE_DNS, username))
-    return {"id": ident, "sub": ident, "username": username, "name": username.split("@")[0], "status": "used",
-            "identity_provider": str(uuid.UUID(int=7))}
-
-
 def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> dict:
     user = f"{fixture.PREFIX}e2e"
     fixture.run("useradd", "--create-home", "--shell", "/bin/bash", user)
@@ -75,29 +69,10 @@ def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> 
     service = subprocess.Popen([python, "-I", "-m", "localservice", "--identities", str(d / "identities.json"),
                                 "--purge-on-exit"],
                                stdout=service_log, stderr=subprocess.STDOUT)
-    conf = d / "mep"
-    conf.mkdir(mode=0o755)
-    (conf / "token").write_text(tokens["admin"])
-    os.chown(conf / "token", 0, fx.broker.pw_gid)
-    os.chmod(conf / "token", 0o640)
-    files = {"config.yaml": json.dumps({"multi_user": True, "identity_mapping_config_path": "idmap.json",
-                                        "compute_service_url": "http://127.0.0.1:5000",
-                                        "compute_service_token_file": str(conf / "token"),
-                                        "mu_child_ep_grace_period_s": 5}),
-             "idmap.json": json.dumps([{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": [
-                 {"source": "{username}", "match": r"(.*)@bench\.example", "output": "{0}"}]}]),
-             "user_config_template.yaml.j2": TEMPLATE, "user_config_schema.json": "{}"}
-    for name, text in files.items():
-        (conf / name).write_text(text)
-    for name in ("endpoint.log", "run"):
-        path = conf / name
-        path.mkdir(mode=0o700) if name == "run" else path.touch(mode=0o640)
-        os.chown(path, fx.broker.pw_uid, fx.broker.pw_gid)
-    broker_argv = [python, "-I", "-m", "broker.main", "--conf-dir", str(conf), "--key", str(fx.dir / "key")]
-    policy = fx.policy_nopam.read_text().replace("uep_argv", f"broker_argv = {json.dumps(broker_argv)}\nuep_argv", 1)
-    policy = policy.replace(f'"{fx.probe}"', f'"{UEP_PROGRAM}", "_start-user-endpoint"', 1)
-    (conf / "policy.toml").write_text(policy)
-    mep_log = open(conf / "helper.log", "w")
+    token = d / "token"
+    token.write_text(tokens["admin"])
+    os.chown(token, 0, fx.broker.pw_gid)
+    os.chmod(token, 0o640)
     mep = None
     try:
         deadline = time.monotonic() + 30
@@ -105,13 +80,10 @@ def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> 
             if service.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the local service did not start:\n{(d / 'service.log').read_text()[-2000:]}")
             time.sleep(0.1)
-        mep = subprocess.Popen(fixture.helper_argv(conf / "policy.toml", "--launch"), stdout=mep_log,
-                               stderr=subprocess.STDOUT)
-        while "consuming start commands" not in (conf / "endpoint.log").read_text():
-            if mep.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the MEP did not start:\n{(conf / 'endpoint.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        endpoint_id = json.loads((conf / "run" / "endpoint.json").read_text())["endpoint_id"]
+        mep = MEP(fx, config={"compute_service_url": "http://127.0.0.1:5000", "compute_service_token_file": str(token),
+                              "mu_child_ep_grace_period_s": 5},
+                  template=TEMPLATE, schema={}, uep_argv=[UEP_PROGRAM, "_start-user-endpoint"], registration=False)
+        endpoint_id = mep.endpoint_id
         say(f"end to end: {cold} cold and {warm} warm submissions, then {rate} tasks through one UEP")
         env = {"PATH": "/usr/bin:/bin", "HOME": str(d), "GC_TOKEN": tokens["user"]}
         out = subprocess.run([python, "-c", SDK_SCRIPT, endpoint_id, str(cold), str(warm), str(rate)],
@@ -120,20 +92,16 @@ def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> 
             raise RuntimeError(f"the SDK script failed:\n{out.stderr[-3000:]}")
         data = json.loads(out.stdout.splitlines()[-1])
         started = [datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
-                   for line in (conf / "endpoint.log").read_text().splitlines() if "user endpoint started" in line]
+                   for line in mep.output().splitlines() if "user endpoint started" in line]
         shares = [{"mep_s": s - t0, "uep_s": t1 - s} for (t0, t1), s in zip(data["cold"], started)]
         return {"cold_ns": [int((b - a) * 1e9) for a, b in data["cold"]],
                 "warm_ns": [int((b - a) * 1e9) for a, b in data["warm"]],
                 "tasks_per_s": data["tasks_per_s"], "cold_start_split": shares}
     finally:
-        if mep is not None and mep.poll() is None:
-            broker = subprocess.run(["pgrep", "-P", str(mep.pid)], capture_output=True, text=True).stdout.split()
-            if broker:
-                os.kill(int(broker[0]), 15)
-            mep.wait(60)
+        if mep is not None:
+            mep.stop()
         service.terminate()
         service.wait(30)
         service_log.close()
-        mep_log.close()
         subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
         subprocess.run(["userdel", "--force", "--remove", user], capture_output=True)

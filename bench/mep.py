@@ -50,8 +50,18 @@ def command(user: str, name: str, heartbeat: str) -> bytes:
                        "globus_username": ident["username"]}).encode()
 
 
+IDMAP = [{"DATA_TYPE": "expression_identity_mapping#1.0.0",
+          "mappings": [{"source": "{username}", "match": r"(.*)@bench\.example", "output": "{0}"}]}]
+
+
 class MEP:
-    def __init__(self, fx: fixture.Fixture):
+    """A running MEP in its own directory under the fixture's. With `registration` (the
+    default) it consumes a queue of its own named in registration.json; without, `config`
+    must name a service to register with. `uep_argv` replaces the probe as the UEP program
+    (the helper adds the UEP name)."""
+
+    def __init__(self, fx: fixture.Fixture, *, config=None, template=TEMPLATE, schema=SCHEMA, uep_argv=None,
+                 registration=True):
         self.tag = secrets.token_hex(3)
         self.dir = fx.dir / f"mep-{self.tag}"
         self.dir.mkdir(mode=0o755)
@@ -59,16 +69,17 @@ class MEP:
         self.reports.mkdir(mode=0o1777)
         os.chmod(self.reports, 0o1777)
         self.queue, self.heartbeat = f"mepb-cmd-{self.tag}", f"mepb-hb-{self.tag}"
+        self.registration = registration
         files = {
             "config.yaml": json.dumps({"multi_user": True, "identity_mapping_config_path": "idmap.json",
-                                       "mu_child_ep_grace_period_s": 2}),
-            "idmap.json": json.dumps([{"DATA_TYPE": "expression_identity_mapping#1.0.0", "mappings": [
-                {"source": "{username}", "match": r"(.*)@bench\.example", "output": "{0}"}]}]),
-            "user_config_template.yaml.j2": TEMPLATE, "user_config_schema.json": json.dumps(SCHEMA),
+                                       "mu_child_ep_grace_period_s": 2, **(config or {})}),
+            "idmap.json": json.dumps(IDMAP), "user_config_template.yaml.j2": template,
+            "user_config_schema.json": json.dumps(schema),
             "user_environment.yaml": json.dumps({"MEPB_REPORT_DIR": str(self.reports)}),
-            "registration.json": json.dumps({"endpoint_id": str(uuid.uuid4()), "command_queue_info": {
-                "connection_url": AMQP_URL, "queue": self.queue}}),
         }
+        if registration:
+            files["registration.json"] = json.dumps({"endpoint_id": str(uuid.uuid4()), "command_queue_info": {
+                "connection_url": AMQP_URL, "queue": self.queue}})
         for name, text in files.items():
             (self.dir / name).write_text(text)
         for name in ("endpoint.log", "run"):
@@ -77,20 +88,31 @@ class MEP:
             os.chown(path, fx.broker.pw_uid, fx.broker.pw_gid)
         broker_argv = [f"{sys.prefix}/bin/python3", "-I", "-m", "broker.main", "--conf-dir", str(self.dir),
                        "--key", str(fx.dir / "key")]
-        policy = fx.policy_nopam.read_text() + ""
-        policy = policy.replace("uep_argv", f"broker_argv = {json.dumps(broker_argv)}\nuep_argv", 1)
+        policy = fx.policy_nopam.read_text().replace("uep_argv", f"broker_argv = {json.dumps(broker_argv)}\nuep_argv", 1)
+        if uep_argv:
+            policy = policy.replace(json.dumps(fx.probe), ", ".join(map(json.dumps, uep_argv)), 1)
         self.policy = self.dir / "policy.toml"
         self.policy.write_text(policy)
-        asyncio.run(self._queues("declare"))
+        if registration:
+            asyncio.run(self._queues("declare"))
         self.log = open(self.dir / "helper.log", "w")
         self.proc = subprocess.Popen(fixture.helper_argv(self.policy, "--launch"), stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while "consuming start commands" not in (self.dir / "endpoint.log").read_text():
+        while "consuming start commands" not in self.output():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the MEP did not start:\n{(self.dir / 'helper.log').read_text()[-2000:]}\n"
-                                   f"{(self.dir / 'endpoint.log').read_text()[-2000:]}")
+                                   f"{self.output()[-2000:]}")
             time.sleep(0.05)
+
+    def output(self) -> str:
+        """The broker's endpoint.log."""
+        return (self.dir / "endpoint.log").read_text()
+
+    @property
+    def endpoint_id(self) -> str:
+        name = "registration.json" if self.registration else "run/endpoint.json"
+        return json.loads((self.dir / name).read_text())["endpoint_id"]
 
     async def _queues(self, what: str) -> None:
         connection = await aio_pika.connect(AMQP_URL)
@@ -138,7 +160,8 @@ class MEP:
             os.kill(self.broker_pid(), 15)
             self.proc.wait(60)
         self.log.close()
-        asyncio.run(self._queues("delete"))
+        if self.registration:
+            asyncio.run(self._queues("delete"))
 
 
 def measure(fx: fixture.Fixture, count: int, rate: float, live: int, say=print) -> dict:

@@ -54,10 +54,10 @@ class Setup:
     key: bytes
 
 
-def read_setup(args, log, register: bool = True) -> Setup:
+def read_setup(args, log, register: bool = True, config: MEPConfig | None = None) -> Setup:
     """Raises one of SETUP_ERRORS, each naming the file or the service. Without
     `register`, the endpoint id is read from disk and the service is not asked."""
-    config = load_config(args.conf_dir)
+    config = config or load_config(args.conf_dir)
     if register:
         registration = registration_mod.obtain(config, log)
     else:
@@ -118,7 +118,7 @@ async def run(args) -> int:
         logs.get().error("cannot write endpoint.log; logging to stderr only", error=str(e))
     log = logs.get().bind(mep=config.name)
     try:
-        setup = read_setup(args, log)
+        setup = read_setup(args, log, config=config)
     except SETUP_ERRORS as e:
         log.error("cannot start", error=f"({type(e).__name__}) {e}")
         return EX_CONFIG

@@ -36,11 +36,11 @@ def parse_args(argv):
 
 
 async def serve(args) -> int:
-    load_identities(args.identities)  # fail now, not at the first request
+    tokens = load_identities(args.identities)
     rabbit = Rabbit(args.amqp_url, args.management_url)
     await rabbit.open()
     service = ComputeService(rabbit, args.state)
-    runner = web.AppRunner(make_app(service, args.identities), access_log=None)
+    runner = web.AppRunner(make_app(service, tokens), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     logging.getLogger("localservice").info("local compute service on http://%s:%d", args.host, args.port)

@@ -44,7 +44,11 @@ class Rabbit:
     async def purge(self, queue_prefixes=("uep.", "mep.", "tg."), user_prefixes=("uep-", "mep-", "user-")) -> int:
         """Delete every queue, exchange and account this service creates (by their name
         prefixes): a demo or test run must not leave durable queues behind, which pile up
-        and slow down every later RabbitMQ restart. Returns how many were deleted."""
+        and slow down every later RabbitMQ restart. Returns how many were deleted. Closes
+        the AMQP connection first: its robust channel would declare a deleted queue again."""
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
         deleted = 0
         for kind, prefixes in (("queues", queue_prefixes), ("exchanges", queue_prefixes), ("users", user_prefixes)):
             async with self.http.get(f"{self.management_url}/api/{kind}") as r:

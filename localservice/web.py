@@ -47,13 +47,14 @@ async def errors(request: web.Request, handler):
         return error(400, "BAD_REQUEST", f"invalid JSON body: {e}")
 
 
-def make_app(service: ComputeService, identities_path: pathlib.Path) -> web.Application:
+def make_app(service: ComputeService, tokens: dict) -> web.Application:
+    """`tokens`: load_identities() of the file, read once at start."""
     app = web.Application(middlewares=[errors], client_max_size=10 * 1024 * 1024)
 
     def caller(request: web.Request) -> list:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        identity_set = load_identities(identities_path).get(token) if scheme == "Bearer" else None
+        identity_set = tokens.get(token) if scheme == "Bearer" else None
         if not identity_set:
             raise ServiceError(401, "UNAUTHORIZED", "missing or unknown bearer token")
         return identity_set

@@ -85,9 +85,9 @@ class Session:
 class HelperSession(Session):
     """The helper's side: issues the challenge, authenticates every request."""
 
-    def __init__(self, key: bytes, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
+    def __init__(self, key: bytes, max_frame: int = MAX_FRAME):
         super().__init__(key, max_frame, "start")
-        self.nonce = nonce if nonce is not None else os.urandom(32)  # = secrets.token_bytes, without loading `random`
+        self.nonce = os.urandom(32)  # = secrets.token_bytes, without loading `random`
 
     def challenge(self) -> bytes:
         self._expect("start", "challenge")

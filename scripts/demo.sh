@@ -31,10 +31,12 @@ pgrep -f "localservice.*--port 5000" >/dev/null && { echo "a local service alrea
 say "starting the local compute service on http://localhost:5000 (bearer tokens stand in for Globus Auth)"
 tok() { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 ALICE=$(tok) BOB=$(tok) EVE=$(tok) ADMIN=$(tok)
-ident() { printf '[{"id": "%s", "sub": "%s", "username": "%s", "name": "%s", "identity_provider": "%s", "status": "used"}]' \
-  "$("$PY" -c "import uuid,sys; print(uuid.uuid5(uuid.NAMESPACE_DNS, sys.argv[1]))" "$1")" \
-  "$("$PY" -c "import uuid,sys; print(uuid.uuid5(uuid.NAMESPACE_DNS, sys.argv[1]))" "$1")" "$1" "${1%@*}" \
-  "00000000-0000-0000-0000-000000000007"; }
+ident() {
+  local id
+  id=$("$PY" -c "import uuid,sys; print(uuid.uuid5(uuid.NAMESPACE_DNS, sys.argv[1]))" "$1")
+  printf '[{"id": "%s", "sub": "%s", "username": "%s", "name": "%s", "identity_provider": "%s", "status": "used"}]' \
+    "$id" "$id" "$1" "${1%@*}" "00000000-0000-0000-0000-000000000007"
+}
 cat > "$RUN/identities.json" <<JSON
 {"tokens": {"$ALICE": $(ident alice@demo.example), "$BOB": $(ident bob@demo.example),
             "$EVE": $(ident eve@elsewhere.example), "$ADMIN": $(ident admin@demo.example)}}
