@@ -1,89 +1,127 @@
-"""`mepctl enable-on-boot NAME`: one systemd unit for the socketpair launch.
+"""`mepctl enable-on-boot NAME [--socket-activated]`: systemd units for one MEP.
 
-systemd starts `mepctl start NAME` as root; that process becomes the helper, which starts
-the broker as the broker account. Stopping sends TERM to the helper alone (KillMode=mixed),
-which stops the broker, then each UEP and its PAM session, in order; whatever is left
-after TimeoutStopSec is killed. A reload goes through the admin socket, so the broker
-re-executes in place and the user endpoints keep running. The socket-activated pair of
-units (systemd/) is the alternative for sites that keep the helper apart.
+The unit texts are the templates in the project's systemd/ directory (installed with the
+package under share/mep/systemd). Two ways to run a MEP:
+
+  launch (default)     globus-compute-mep-NAME.service: `mepctl start NAME` as root; that
+                       process becomes the helper and starts the broker unprivileged.
+  --socket-activated   globus-compute-mep-NAME.service runs the broker as its own account
+                       in a tight sandbox; it connects to globus-compute-mep-NAME-helper.socket,
+                       which starts one root helper (…-helper@.service) per connection.
+
+systemd names the service of an Accept=yes socket after the socket's prefix alone, so a
+template socket could not tell its helper which MEP it serves; each MEP therefore gets
+its own rendered pair, with its policy path written into the helper's ExecStart.
 """
 
 from __future__ import annotations
 
+import grp
 import pathlib
+import pwd
 import sys
+import tomllib
+
+import yaml
 
 UNIT_DIR = pathlib.Path("/etc/systemd/system")
-
-UNIT = """\
-# Installed by `mepctl enable-on-boot {name}`. Remove with `mepctl disable-on-boot {name}`.
-[Unit]
-Description=Globus Compute multi-user endpoint "{name}" (privilege-separated)
-Documentation=file://{conf_dir}/config.yaml
-Wants=network-online.target
-After=network-online.target
-StartLimitIntervalSec=0
-
-[Service]
-Type=simple
-# root: this process becomes the helper; the broker runs as the account in
-# {conf_dir}/helper-policy.toml and never holds root.
-ExecStart={python} -I -m broker.mepctl start {name} --config-root {root}
-ExecReload={python} -I -m broker.mepctl reload {name} --config-root {root}
-KillMode=mixed
-TimeoutStopSec={stop_timeout}
-Restart=always
-RestartSec=1
-UMask=0077
-PrivateTmp=yes
-ProtectClock=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectHostname=yes
-RestrictRealtime=yes
-RestrictNamespaces=yes
-LockPersonality=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-
-[Install]
-WantedBy=multi-user.target
-"""
+# what the helper needs: become the user, signal its UEPs, drop the bounding set, and what
+# common PAM session modules need (audit, loginuid, limits, mkhomedir); SECURITY.md lists why
+HELPER_CAPS = ("CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_KILL CAP_AUDIT_WRITE CAP_AUDIT_CONTROL CAP_SYS_RESOURCE "
+               "CAP_CHOWN CAP_FOWNER CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH")
+HOME_TREES = ("/home", "/root", "/run/user")
 
 
 class BootError(Exception):
     pass
 
 
+def template_dir() -> pathlib.Path:
+    """A checkout's systemd/ beside this package, else the installed copy."""
+    checkout = pathlib.Path(__file__).resolve().parent.parent / "systemd"
+    return checkout if (checkout / "launch.service.in").exists() else pathlib.Path(sys.prefix, "share", "mep", "systemd")
+
+
 def service_name(name: str) -> str:
     return f"globus-compute-mep-{name}"
 
 
-def unit_text(name: str, root: pathlib.Path, stop_timeout: int) -> str:
+def unit_files(name: str, socket_activated: bool) -> dict[str, str]:
+    """Installed unit file name -> template file name."""
+    base = service_name(name)
+    if not socket_activated:
+        return {f"{base}.service": "launch.service.in"}
+    return {f"{base}.service": "broker.service.in", f"{base}-helper.socket": "helper.socket.in",
+            f"{base}-helper@.service": "helper@.service.in"}
+
+
+def socket_path(name: str) -> str:
+    return f"/run/{service_name(name)}/helper.sock"
+
+
+def render(name: str, root: pathlib.Path, *, socket_activated=False, stop_timeout=60,
+           python: str = sys.executable) -> dict[str, str]:
+    """Every unit for MEP `name` under config root `root`: file name -> text."""
     root = root.expanduser().resolve()
-    return UNIT.format(name=name, root=root, conf_dir=root / name, python=sys.executable, stop_timeout=stop_timeout)
+    conf_dir = root / name
+    values = {"name": name, "root": root, "conf_dir": conf_dir, "python": python, "stop_timeout": stop_timeout,
+              "helper_caps": HELPER_CAPS, "socket_path": socket_path(name)}
+    if socket_activated:
+        values.update(_broker_values(conf_dir))
+    return {unit: (template_dir() / template).read_text().format(**values)
+            for unit, template in unit_files(name, socket_activated).items()}
 
 
-def enable(name: str, root: pathlib.Path, unit_dir: pathlib.Path = UNIT_DIR, stop_timeout: int = 60) -> str:
+def _broker_values(conf_dir: pathlib.Path) -> dict:
+    """The broker account (from the helper policy) and the paths it may write."""
+    try:
+        with open(conf_dir / "helper-policy.toml", "rb") as f:
+            user = tomllib.load(f)["broker_user"]
+        account = pwd.getpwnam(user)
+        config = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
+    except (OSError, KeyError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise BootError(f"cannot read the broker account and paths from {conf_dir}: ({type(e).__name__}) {e}") from None
+    writable = [str(conf_dir / "endpoint.log"), str(conf_dir / "run")]
+    if config.get("audit_log_path"):
+        writable.append(f"-{config['audit_log_path']}")  # "-": a missing file is the broker's error to report
+    in_home = any(str(p).startswith(HOME_TREES) for p in (conf_dir, *writable))
+    return {"broker_user": user, "broker_group": grp.getgrgid(account.pw_gid).gr_name, "writable": " ".join(writable),
+            # a config under a home directory must stay visible; read-only still lets ReadWritePaths through
+            "protect_home": "read-only" if in_home else "yes"}
+
+
+def enable(name: str, root: pathlib.Path, unit_dir: pathlib.Path = UNIT_DIR, stop_timeout: int = 60,
+           socket_activated: bool = False) -> str:
     if not unit_dir.is_dir():
         raise BootError(f"{unit_dir} does not exist: systemd is not this machine's init system. Start the MEP "
                         f"with `mepctl start {name}` from your init system instead.")
-    path = unit_dir / f"{service_name(name)}.service"
-    text = unit_text(name, root, stop_timeout)
+    units = render(name, root, socket_activated=socket_activated, stop_timeout=stop_timeout)
+    existing = [str(unit_dir / u) for u in unit_files(name, True) if (unit_dir / u).exists()]
+    if existing:
+        verb = "already exists" if len(existing) == 1 else "already exist"
+        raise BootError(f"{', '.join(existing)} {verb}; `mepctl disable-on-boot {name}` says how to remove it")
+    written = []
     try:
-        with open(path, "x") as f:
-            f.write(text)
-    except FileExistsError:
-        raise BootError(f"{path} already exists; `mepctl disable-on-boot {name}` removes it") from None
+        for unit, text in units.items():
+            with open(unit_dir / unit, "x") as f:
+                f.write(text)
+            (unit_dir / unit).chmod(0o644)
+            written.append(unit_dir / unit)
     except PermissionError as e:
-        raise BootError(f"{e}: run as root.\n----- unit file -----\n{text}") from None
-    path.chmod(0o644)
-    return (f"Systemd service installed at {path}. Run\n\tsystemctl daemon-reload\n"
-            f"\tsystemctl enable {service_name(name)} --now\nto enable the service and start the endpoint.")
+        for path in written:
+            path.unlink()
+        shown = "\n".join(f"----- {u} -----\n{t}" for u, t in units.items())
+        raise BootError(f"{e}: run as root.\n{shown}") from None
+    enable_what = f"{service_name(name)}-helper.socket {service_name(name)}" if socket_activated else service_name(name)
+    return (f"Systemd units installed: {', '.join(map(str, written))}. Run\n\tsystemctl daemon-reload\n"
+            f"\tsystemctl enable {enable_what} --now\nto enable them and start the endpoint.")
 
 
 def disable(name: str, unit_dir: pathlib.Path = UNIT_DIR) -> str:
-    path = unit_dir / f"{service_name(name)}.service"
-    if not path.exists():
-        raise BootError(f"there is no systemd unit for endpoint {name} ({path} not found)")
-    return (f"Run the following to disable on-boot persistence:\n\tsystemctl stop {service_name(name)}\n"
-            f"\tsystemctl disable {service_name(name)}\n\trm {path}\n\tsystemctl daemon-reload")
+    paths = [unit_dir / u for u in unit_files(name, True) if (unit_dir / u).exists()]
+    if not paths:
+        raise BootError(f"there is no systemd unit for endpoint {name} ({unit_dir / (service_name(name) + '.service')} "
+                        "not found)")
+    units = " ".join(p.name for p in paths if not p.name.endswith("@.service"))
+    return (f"Run the following to disable on-boot persistence:\n\tsystemctl stop {units}\n"
+            f"\tsystemctl disable {units}\n\trm {' '.join(map(str, paths))}\n\tsystemctl daemon-reload")

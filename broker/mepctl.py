@@ -101,7 +101,7 @@ def cmd_boot(args) -> int:
                                  "(systemd would otherwise start a second one)")
         except admin_client.NotRunning:
             pass
-        print(boot.enable(args.name, args.config_root, args.unit_dir))
+        print(boot.enable(args.name, args.config_root, args.unit_dir, socket_activated=args.socket_activated))
         return 0
     except boot.BootError as e:
         print(f"mepctl {args.command}: {e}", file=sys.stderr)
@@ -174,14 +174,18 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
         sp.set_defaults(func=cmd_admin)
 
-    for command, text in (("enable-on-boot", "install a systemd unit that starts this endpoint at boot"),
-                          ("disable-on-boot", "print how to remove the endpoint's systemd unit")):
+    for command, text in (("enable-on-boot", "install the systemd units that start this endpoint at boot"),
+                          ("disable-on-boot", "print how to remove the endpoint's systemd units")):
         sp = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
         sp.add_argument("name", metavar="NAME", help="the endpoint")
         sp.add_argument("--config-root", type=pathlib.Path, default=configure_mod.default_root(), help=root_help)
         sp.add_argument("--socket", type=pathlib.Path, help=argparse.SUPPRESS)
         sp.add_argument("--unit-dir", type=pathlib.Path, default=boot.UNIT_DIR, help="where systemd units go "
                         "(default %(default)s)")
+        if command == "enable-on-boot":
+            sp.add_argument("--socket-activated", action="store_true", help="run the broker as its own sandboxed "
+                            "service and the root helper by socket activation (three units) instead of one unit "
+                            "whose root process starts the broker")
         sp.set_defaults(func=cmd_boot)
     return p
 

@@ -175,15 +175,21 @@ class LiveMEP:
         if tty:  # the helper and broker write to a terminal; a thread copies it into helper.log
             master, out = pty.openpty()
             threading.Thread(target=_copy_pty, args=(master, self.helper_log_path), daemon=True).start()
-        self.proc = subprocess.Popen(rig.helper_cmd(self.policy, "--launch"), stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT)
-        if tty:
-            os.close(out)
+        try:
+            self.proc = self.launch(out)
+        finally:
+            if tty:
+                os.close(out)
         wait_for(lambda: "consuming start commands" in self.output() or self.proc.poll() is not None,
                  what="the broker to consume")
         if self.proc.poll() is not None:
             asyncio.run(_delete(*self.queues))  # a MEP that did not start leaves no queue behind
             raise AssertionError(f"MEP ended at start:\n{self.output()}")
+
+    def launch(self, out) -> subprocess.Popen:
+        """Start the MEP writing to `out`; the process returned is the one whose end ends the MEP."""
+        return subprocess.Popen(rig.helper_cmd(self.policy, "--launch"), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
 
     def write(self, name: str, text: str, mode=0o644) -> Path:
         path = self.dir / name

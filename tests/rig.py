@@ -127,6 +127,7 @@ class RigDir:
         self.lib = self.path / "lib"
         for package in ("protocol", "privhelper", "broker", "localservice"):
             shutil.copytree(ROOT / package, self.lib / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "systemd", self.path / "systemd")  # the unit templates, beside lib/ as in a checkout
         shutil.copyfile(ROOT / "tests" / "testbroker.py", self.path / "testbroker.py")
         global CODE_DIR
         CODE_DIR = self.lib
