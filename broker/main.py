@@ -163,6 +163,7 @@ class Broker:
             loop.add_signal_handler(sig, lambda s=sig: (self.log.info("stop signal", signal=signal.Signals(s).name),
                                                         self.mep.stopping.set()))
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, reexec.HELD_SIGNALS)  # what arrived during a re-exec comes now
 
     async def run(self, resumed: bool) -> int:
         mep, log, config = self.mep, self.log, self.setup.config

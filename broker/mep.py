@@ -63,6 +63,7 @@ class MEP:
         self._locks: dict[str, tuple[asyncio.Lock, list]] = {}  # UEP name -> (lock, [users]); dropped when unused
         self._tasks: set[asyncio.Task] = set()
         self._in_hand = 0  # commands being served
+        self._served: set[asyncio.Task] = set()  # see on_message
         self.stopping, self.reloading = asyncio.Event(), asyncio.Event()
         self.draining = False
         self.amqp = None  # the robust connection while serving
@@ -105,8 +106,17 @@ class MEP:
         return reason
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """aiormq cancels its consumer tasks when the channel closes; a start that is
+        already with the helper must still be recorded, so the work runs in a task of
+        our own that the channel's loss cannot cancel."""
         if self.draining:
             return  # not begun, not acked: closing the channel requeues it
+        task = asyncio.ensure_future(self._serve_message(message))
+        self._served.add(task)
+        task.add_done_callback(self._served.discard)
+        await asyncio.shield(task)
+
+    async def _serve_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._in_hand += 1
         try:
             ts = message.timestamp.timestamp() if message.timestamp else None
@@ -119,7 +129,11 @@ class MEP:
                 return
             except Exception:  # noqa: BLE001 - the broker must outlive any one command
                 self.log.exception("unexpected error while serving a command; it was answered and acknowledged")
-            await message.ack()
+            try:
+                await message.ack()
+            except Exception as e:  # noqa: BLE001 - the channel went with the connection
+                self.log.warning("command served but not acknowledged (AMQP connection lost); RabbitMQ will deliver "
+                                 "it again and its user endpoint will be found running", error=f"({type(e).__name__}) {e}")
         finally:
             self._in_hand -= 1
 

@@ -10,7 +10,9 @@ as `posix_ppid`. The order (broker/main.py drives it):
      commands delivered but not begun are left unacked, so closing the channel
      requeues them for the new image (none is lost, none is served twice);
   3. once no helper request is in flight, the state below goes into a memfd, the fds it
-     names lose FD_CLOEXEC, and the broker execs its own command line.
+     names lose FD_CLOEXEC, and the broker execs its own command line, with the stop and
+     reload signals blocked: one that arrives before the new image has its handlers
+     waits for them instead of killing it.
 
 The state holds secrets (each UEP's Fernet key), so it travels in a memfd that only this
 process holds, never in the environment or a file.
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 RESUME_ENV = "MEP_RESUME_FD"
 HELPER_ENV = "MEP_HELPER_FD"
 VERSION = 1
+HELD_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}  # handled by Broker._signals
 
 
 def save(mep) -> tuple[int, list[int]]:
@@ -52,9 +56,13 @@ def exec_self(state_fd: int, keep: list[int]) -> None:
     for fd in [state_fd, *keep]:
         os.set_inheritable(fd, True)
     os.environ[RESUME_ENV], os.environ[HELPER_ENV] = str(state_fd), str(keep[0])
+    # the new image has default dispositions until it installs its handlers, and a SIGHUP
+    # then would kill it: these stay blocked (and pending) across exec until it has
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         os.execv(sys.executable, sys.orig_argv)
     finally:  # reached only when exec failed
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         del os.environ[RESUME_ENV], os.environ[HELPER_ENV]
         for fd in keep:
             os.set_inheritable(fd, False)

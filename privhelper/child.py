@@ -122,7 +122,8 @@ def build_env(account, policy, pam_env: dict, extra: dict) -> dict:
 
 
 def _report(fd: int, line: str) -> None:
-    os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+    with contextlib.suppress(BrokenPipeError):  # the helper is gone: nobody to tell, but PAM still closes
+        os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
 
 _STOPS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -136,6 +137,7 @@ def session_process(*, account, req, policy, child_fds, status_w, helper_pid) ->
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what the UEP orphans comes to us, not to init
         for sig in _STOPS:
             signal.signal(sig, _raise_stop)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE, not death, when the helper is gone (reset_signals undoes it in the UEP)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         code = _run_session(account, req, policy, child_fds, status_w)
     except BaseException as e:  # noqa: BLE001

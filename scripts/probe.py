@@ -64,6 +64,7 @@ def report() -> dict:
         "pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
         "resuid": os.getresuid(), "resgid": os.getresgid(), "groups": sorted(os.getgroups()),
         "caps": {k: st[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+        "signals": {k: st[k] for k in ("SigBlk", "SigIgn")},
         "no_new_privs": int(st["NoNewPrivs"]), "setuid0": setuid0, "umask": umask,
         "cwd": os.getcwd(), "env": dict(os.environ), "argv": sys.argv, "fds": fds,
         "nofile_soft": nofile, "started_ns": start, "reopen_write": reopen,

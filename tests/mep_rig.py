@@ -57,12 +57,20 @@ def identity(username: str) -> dict:
             "status": "used", "email": username}
 
 
-async def _declare(*names: str) -> None:
+async def _declare(*names: str, durable=False) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
         for name in names:
-            await channel.declare_queue(name, auto_delete=False)
+            await channel.declare_queue(name, auto_delete=False, durable=durable)
+
+
+async def _depth(queue: str) -> int:
+    """Messages ready in `queue` (not those delivered and unacked)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        return (await channel.declare_queue(queue, passive=True)).declaration_result.message_count
 
 
 async def _delete(*names: str) -> None:
@@ -73,13 +81,14 @@ async def _delete(*names: str) -> None:
             await channel.queue_delete(name)
 
 
-async def _publish(queue: str, body: bytes, content_type="application/json", timestamp=None) -> None:
+async def _publish(queue: str, body: bytes, content_type="application/json", timestamp=None, persistent=False) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
         ts = timestamp if timestamp is not None else datetime.datetime.now(datetime.timezone.utc)
-        await channel.default_exchange.publish(aio_pika.Message(body, content_type=content_type, timestamp=ts),
-                                               routing_key=queue)
+        mode = aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        await channel.default_exchange.publish(aio_pika.Message(body, content_type=content_type, timestamp=ts,
+                                                                delivery_mode=mode), routing_key=queue)
 
 
 async def _get(queue: str, timeout: float) -> bytes | None:
@@ -135,7 +144,7 @@ def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
 class LiveMEP:
     def __init__(self, rigdir: rig.RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
                  schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False,
-                 registration: bool = True):
+                 registration: bool = True, durable: bool = False):
         self.rigdir, self.accounts = rigdir, rigdir.accounts
         self.tag = secrets.token_hex(4)
         self.dir = rigdir.path / f"mep-{self.tag}"
@@ -146,7 +155,8 @@ class LiveMEP:
         self.command_queue = f"mept-cmd-{self.tag}"
         self.endpoint_id = str(uuid.uuid4())
         self.queues = [self.command_queue]
-        asyncio.run(_declare(self.command_queue))
+        self.durable = durable  # a durable command queue and persistent commands survive a RabbitMQ restart
+        asyncio.run(_declare(self.command_queue, durable=durable))
         cfg = {"multi_user": True, "display_name": f"test MEP {self.tag}",
                "identity_mapping_config_path": str(self.dir / "identity_mapping.json")}
         cfg.update(config or {})
@@ -185,6 +195,20 @@ class LiveMEP:
         if self.proc.poll() is not None:
             asyncio.run(_delete(*self.queues))  # a MEP that did not start leaves no queue behind
             raise AssertionError(f"MEP ended at start:\n{self.output()}")
+
+    def relaunch(self) -> None:
+        """Start a new helper and broker on the same directory and command queue, after the
+        last one ended (what an init system's restart does)."""
+        assert self.proc.poll() is not None, "the MEP is still running"
+        starts = self.output().count("consuming start commands")
+        self.helper_log = open(self.helper_log_path, "a")
+        self.proc = self.launch(self.helper_log)
+        wait_for(lambda: self.output().count("consuming start commands") > starts or self.proc.poll() is not None,
+                 what="the relaunched broker to consume")
+        assert self.proc.poll() is None, f"the relaunched MEP ended:\n{self.output()}"
+
+    def queue_depth(self) -> int:
+        return asyncio.run(_depth(self.command_queue))
 
     def launch(self, out) -> subprocess.Popen:
         """Start the MEP writing to `out`; the process returned is the one whose end ends the MEP."""
@@ -238,7 +262,7 @@ class LiveMEP:
 
     def publish(self, body, **kw) -> None:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        asyncio.run(_publish(self.command_queue, raw, **kw))
+        asyncio.run(_publish(self.command_queue, raw, persistent=self.durable, **kw))
 
     def notice(self, command: dict, timeout=15.0) -> dict | None:
         """The EPStatusReport the broker sent for `command`, decoded, or None."""

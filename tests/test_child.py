@@ -3,6 +3,7 @@ probe's own /proc/self/status, /proc/self/fd and getres*id."""
 
 import json
 import os
+import signal
 
 import pytest
 
@@ -21,7 +22,9 @@ def spawn_and_report(client, user, **kw):
 
 def test_ids_groups_caps_nnp_session_umask_without_pam(helpers, accounts):
     """13: uids, gids, groups are the user's; setuid(0) fails; no capabilities at all;
-    NoNewPrivs=1 without PAM; a session leader; umask 077; cwd is home."""
+    NoNewPrivs=1 without PAM; a session leader; umask 077; cwd is home; no signal blocked
+    and none ignored but the two Python itself ignores (the helper and the session
+    process block and ignore some; none of that may reach the UEP)."""
     helper, client = helpers()
     bob = accounts.bob
     reply, seen = spawn_and_report(client, bob)
@@ -33,6 +36,8 @@ def test_ids_groups_caps_nnp_session_umask_without_pam(helpers, accounts):
     assert seen["setuid0"].startswith("failed")
     assert seen["caps"] == {"CapInh": ZERO, "CapPrm": ZERO, "CapEff": ZERO, "CapBnd": ZERO, "CapAmb": ZERO}
     assert seen["no_new_privs"] == 1
+    python_ignores = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+    assert seen["signals"] == {"SigBlk": ZERO, "SigIgn": f"{python_ignores:016x}"}
     assert seen["sid"] == seen["pid"] == seen["pgid"]
     assert seen["umask"] == 0o077
     assert seen["cwd"] == bob.pw_dir
