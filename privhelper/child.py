@@ -189,6 +189,9 @@ def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
     """Fork, drop to `account`, exec. Returns (pid, None), or (pid, "CODE reason") with the child reaped."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     me = os.getpid()
+    # stops wait until _wait_uep, where they TERM the UEP: raised here, one could be lost in
+    # an at-fork hook ("Exception ignored") or leave the UEP's pid unknown
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     if (pid := os.fork()) == 0:
         exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=no_new_privs, parent_pid=me)
     os.close(err_w)
@@ -201,6 +204,7 @@ def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
 def _wait_uep(pid: int, grace: int) -> int:
     """Wait for the UEP (a stop signal TERMs its group, KILLed after `grace` s), then KILL what it left."""
     deadline = None
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # held since fork_exec
     while True:
         try:
             done, status = os.waitpid(pid, os.WNOHANG if deadline else 0)
@@ -210,10 +214,9 @@ def _wait_uep(pid: int, grace: int) -> int:
                 kill(-pid, signal.SIGKILL)
                 deadline = float("inf")
             time.sleep(0.02)
-        except _Stop:
-            if deadline is None:
-                kill(-pid, signal.SIGTERM)
-                deadline = time.monotonic() + grace
+        except _Stop:  # raised once: _raise_stop blocks the stops
+            kill(-pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
     _kill_orphans(pid)
     return status
 

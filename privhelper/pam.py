@@ -10,8 +10,7 @@ PAM_ERROR_MSG, PAM_TEXT_INFO = 3, 4  # the message styles the conversation accep
 
 _libpam = ctypes.CDLL("libpam.so.0", use_errno=True)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.calloc.restype = ctypes.c_void_p
-_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.calloc.argtypes, _libc.calloc.restype = [ctypes.c_size_t, ctypes.c_size_t], ctypes.c_void_p
 _libc.free.argtypes = [ctypes.c_void_p]
 
 
@@ -32,13 +31,10 @@ class _Conv(ctypes.Structure):
 
 
 _libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_Conv), ctypes.POINTER(ctypes.c_void_p)]
-for _name in ("pam_acct_mgmt", "pam_setcred", "pam_open_session", "pam_close_session", "pam_end"):
-    getattr(_libpam, _name).argtypes = [ctypes.c_void_p, ctypes.c_int]
-    getattr(_libpam, _name).restype = ctypes.c_int
-_libpam.pam_strerror.argtypes = [ctypes.c_void_p, ctypes.c_int]
-_libpam.pam_strerror.restype = ctypes.c_char_p
-_libpam.pam_getenvlist.argtypes = [ctypes.c_void_p]
-_libpam.pam_getenvlist.restype = ctypes.POINTER(ctypes.c_void_p)
+for _f in (_libpam.pam_acct_mgmt, _libpam.pam_setcred, _libpam.pam_open_session, _libpam.pam_close_session, _libpam.pam_end):
+    _f.argtypes, _f.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+_libpam.pam_strerror.argtypes, _libpam.pam_strerror.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_char_p
+_libpam.pam_getenvlist.argtypes, _libpam.pam_getenvlist.restype = [ctypes.c_void_p], ctypes.POINTER(ctypes.c_void_p)
 
 
 class PamError(Exception):
