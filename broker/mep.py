@@ -26,6 +26,12 @@ from broker.idmap import IdentityMapper
 from broker.registry import UEP, Registry, stdin_document
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 16.0  # AMQP reconnect backoff: 1, 2, 4, 8, 16, 16 ... s between attempts
+
+
+def reconnect_delay(failures: int) -> float:
+    """Seconds before the next AMQP connection attempt after `failures` in a row."""
+    return min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** max(0, failures - 1))
 STOPPED = ("The multi-user endpoint is shutting down and stopped this user endpoint; tasks not yet finished will not "
            "run. Submit them again once the endpoint is back, or contact its administrator.")
 
@@ -78,11 +84,26 @@ class MEP:
         delivered but not begun stay unacked and go back to the queue."""
         info = self.registration["command_queue_info"]
         self.draining = False
-        connection = await aio_pika.connect_robust(info["connection_url"], client_properties={
-            "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})  # what rabbitmqctl shows
-        connection.reconnect_callbacks.add(lambda *_: self.log.warning("AMQP connection re-established"))
-        connection.close_callbacks.add(lambda _c, exc: exc and not self.draining and self.log.warning(
-            "AMQP connection lost; reconnecting", error=f"({type(exc).__name__}) {exc}"))
+        connection = await aio_pika.connect_robust(info["connection_url"], reconnect_interval=RECONNECT_FIRST_S,
+                                                   client_properties={  # what rabbitmqctl shows
+                                                       "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})
+        failures = 0
+
+        def lost(_connection, exc) -> None:  # the loss, then each failed attempt
+            nonlocal failures
+            if exc is None or self.draining:
+                return
+            failures += 1
+            connection.reconnect_interval = reconnect_delay(failures)  # aio-pika reads it before each wait
+            self.log.warning("AMQP connection lost; reconnecting", error=f"({type(exc).__name__}) {exc}",
+                             failures=failures, retry_in_s=connection.reconnect_interval)
+
+        def back(*_) -> None:
+            nonlocal failures
+            self.log.warning("AMQP connection re-established", failed_attempts=failures)
+            failures, connection.reconnect_interval = 0, RECONNECT_FIRST_S
+        connection.reconnect_callbacks.add(back)
+        connection.close_callbacks.add(lost)
         self.amqp = connection
         async with connection:
             channel = await connection.channel()

@@ -191,3 +191,10 @@ def test_registration_needs_a_service_and_a_token_and_says_where(tmp_path):
     with pytest.raises(registration.RegistrationError, match="command_queue_info needs connection_url and queue"):
         registration.obtain(cfg, None)
     assert registration.peek(cfg) == "e"
+
+
+def test_amqp_reconnect_backs_off_to_a_ceiling():
+    from broker.mep import RECONNECT_MAX_S, reconnect_delay
+    delays = [reconnect_delay(n) for n in range(1, 10)]
+    assert delays[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert delays[5:] == [RECONNECT_MAX_S] * 4 and RECONNECT_MAX_S == 16.0

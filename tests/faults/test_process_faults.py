@@ -7,7 +7,9 @@ the fault hits."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -149,7 +151,7 @@ def test_rabbitmq_stopped_for_thirty_seconds(live, accounts, pam):
     and the UEPs keep going."""
     queues = rabbitmqctl("list_queues", "-q", "name").stdout.split()
     assert len(queues) < MAX_QUEUES, f"{len(queues)} queues in RabbitMQ; delete leftovers before a restart test"
-    mep = live(policy=pam["policy"], durable=True)
+    mep = live(policy=pam["policy"], durable=True, environment={"PROBE_ACTION": json.dumps({"sleep": 600})})
     mep.publish(mep.command("mept-alice@example.org"))
     [alice_pid] = wait_for(lambda: list(mep.reports_now()), what="alice's UEP")
     bob = mep.command("mept-bob@example.org")
@@ -168,10 +170,14 @@ def test_rabbitmq_stopped_for_thirty_seconds(live, accounts, pam):
     assert out.returncode == 0, out.stderr
     wait_for(lambda: "AMQP connection re-established" in mep.output(), timeout=60, what="the reconnect")
     assert "command served but not acknowledged" in mep.output()
+    # each failed attempt is logged with the wait before the next, doubling from 1 s
+    waits = [float(w) for w in re.findall(r"retry_in_s=([\d.]+)", mep.output())]
+    assert len(waits) >= 5 and waits[:5] == [1.0, 2.0, 4.0, 8.0, 16.0] and max(waits) == 16.0, waits
     wait_for(lambda: mep.queue_depth() == 0 and "credentials refreshed" in mep.output(), timeout=20,
              what="bob's redelivered command to find its UEP running")
     carol = mep.command("mept-carol@example.org")
     mep.publish(carol)
     wait_for(lambda: started_lines(mep, carol["kwargs"]["name"]) == 1, timeout=20, what="a start after the outage")
     assert rig.alive(alice_pid) and mep.proc.poll() is None
-    assert started_lines(mep, bob["kwargs"]["name"]) == 1 and len(mep.reports_now()) == 3
+    assert started_lines(mep, bob["kwargs"]["name"]) == 1
+    wait_for(lambda: len(mep.reports_now()) == 3, what="one report each from alice's, bob's and carol's UEP")
