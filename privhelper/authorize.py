@@ -1,10 +1,10 @@
 """Who may be spawned, checked before any fork. Each refusal names its rule, so the admin's
 log and the user's failure notice say the same thing."""
 
-import dataclasses
 import grp
 import os
 import pwd
+import typing
 
 from privhelper.policy import FIXED_ENV, NOBODY_UIDS
 
@@ -15,8 +15,7 @@ class Refusal(Exception):
         self.code, self.reason = code, reason
 
 
-@dataclasses.dataclass(frozen=True)
-class Account:
+class Account(typing.NamedTuple):
     name: str
     uid: int
     gid: int

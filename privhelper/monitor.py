@@ -8,7 +8,6 @@
 Fatal: log why, close the connection, stop every UEP, let PAM sessions close, exit.
 """
 
-import dataclasses
 import fcntl
 import logging
 import os
@@ -29,19 +28,12 @@ class Fatal(Exception):
     pass
 
 
-@dataclasses.dataclass(eq=False)
 class SessionChild:
     """The helper's record of one session process and the UEP it starts."""
-    pid: int
-    req: str
-    account: object
-    status_fd: int | None
-    broker_fds: list
-    channels: tuple
-    buf: bytes = b""
-    uep_pid: int | None = None
-    answered: bool = False
-    exit_code: int | None = None
+
+    def __init__(self, pid: int, req: str, account, status_fd: int, broker_fds: list, channels: tuple):
+        self.pid, self.req, self.account, self.status_fd, self.broker_fds = pid, req, account, status_fd, broker_fds
+        self.channels, self.buf, self.uep_pid, self.answered, self.exit_code = channels, b"", None, False, None
 
 
 class Monitor:

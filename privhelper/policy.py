@@ -1,11 +1,11 @@
 """The root-owned TOML policy, the only source of what may be exec'd. Untrusted paths,
 unknown keys and wrong types stop the helper: a typo in a security setting must not pass."""
 
-import dataclasses
 import os
 import pwd
 import stat
 import tomllib
+import typing  # tomllib loads it anyway; dataclasses would add inspect and ast (docs/performance.md)
 
 DEFAULT_ENV_DENY = ("LD_*", "PYTHON*", "BASH_FUNC_*", "MALLOC_*", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES",
                     "BASH_ENV", "ENV", "IFS", "CDPATH", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "NLSPATH",
@@ -21,15 +21,13 @@ class PolicyError(Exception):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
-class Pam:
+class Pam(typing.NamedTuple):
     enabled: bool = False
     service: str = "globus-compute-endpoint"
     no_new_privs: bool = False  # with PAM on; without PAM it is always set
 
 
-@dataclasses.dataclass(frozen=True)
-class Policy:
+class Policy(typing.NamedTuple):
     path: str
     broker_user: str
     broker_uid: int
@@ -147,7 +145,7 @@ def load_policy(path: str) -> Policy:
     return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid,
                   key_file=raw["key_file"], uep_argv=uep_argv, broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
                   pam=pam, env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),
-                  path_env=raw.get("path", Policy.path_env), lang=raw.get("lang", Policy.lang), **lists, **ints)
+                  path_env=raw.get("path", Policy._field_defaults["path_env"]), lang=raw.get("lang", Policy._field_defaults["lang"]), **lists, **ints)
 
 
 def read_key(policy: Policy) -> bytes:

@@ -3,7 +3,7 @@ bounded, bool never an int, names that cannot hold '/', '..', NUL or a leading '
 
 import base64
 import binascii
-import dataclasses
+import collections
 import re
 import types
 
@@ -97,11 +97,17 @@ def _wire(value):
 REGISTRY = {}
 
 
+def _same(a, b) -> bool:
+    return type(a) is type(b) and tuple.__eq__(a, b)
+
+
 def message(type_name, *, request=False, doc=None, **fields):
-    """Declare a frozen message class: its wire name, whether it is a MAC'd request, and
-    its fields with their validators (the exact key set on the wire)."""
-    cls = dataclasses.make_dataclass(type_name.title(), list(fields), frozen=True)
-    cls.TYPE, cls.FIELDS, cls.REQUEST, cls.__doc__ = type_name, fields, request, doc
+    """Declare an immutable message class (a named tuple equal only to its own type): its
+    wire name, whether it is a MAC'd request, and its fields with their validators (the
+    exact key set on the wire)."""
+    cls = type(type_name.title(), (collections.namedtuple(type_name.title(), list(fields)),), {
+        "__slots__": (), "__doc__": doc, "__eq__": _same, "__ne__": lambda a, b: not _same(a, b),
+        "__hash__": tuple.__hash__, "TYPE": type_name, "FIELDS": fields, "REQUEST": request})
     REGISTRY[type_name] = cls
     return cls
 

@@ -6,7 +6,6 @@ conftest.py runs at the start (leftovers of a killed run) and at the end of the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pwd
@@ -271,7 +270,7 @@ class Client:
         """The reply to `req`, with the fds that came with it; other events that arrive
         first are kept in self.events."""
         event = self._wait(lambda e: getattr(e, "req", None) == req)
-        return types.SimpleNamespace(**dataclasses.asdict(event), type=event.TYPE, fds=self.channel_fds.pop(req, {}))
+        return types.SimpleNamespace(**event._asdict(), type=event.TYPE, fds=self.channel_fds.pop(req, {}))
 
     def wait_exited(self, pid: int):
         return self._wait(lambda e: e.TYPE == "exited" and e.pid == pid)

@@ -244,3 +244,11 @@ def test_helper_sends_only_events():
         helper.send(Ping("x"))
     with pytest.raises(ProtocolError):
         broker.send(Exited(1, 0))
+
+
+def test_messages_are_immutable_and_equal_only_to_their_own_type():
+    from protocol.messages import Pong
+    assert Ping("a") == Ping("a") and hash(Ping("a")) == hash(Ping("a"))
+    assert Ping("a") != Pong("a") and not Ping("a") == Pong("a") and Ping("a") != ("a",)
+    with pytest.raises(AttributeError):
+        Ping("a").req = "b"
