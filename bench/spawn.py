@@ -147,18 +147,22 @@ async def baseline_burst(make, accounts: list, total: int, concurrency: int = 32
     return total / (time.monotonic() - t0)
 
 
+ROUNDS = 6  # the candidates take turns, so that the machine's drift falls on all of them alike
+
+
 def measure(fx: fixture.Fixture, n: int, burst: int, say=print) -> dict:
     account = fx.accounts[0]
-    latency, throughput = {}, {}
-    say(f"spawn latency: our helper, PAM off ({n} spawns)")
-    latency["helper (PAM off)"] = asyncio.run(helper_latency(fx.policy_nopam, fx.key, account, n))
-    say(f"spawn latency: our helper, PAM on: {fx.pam_service} ({n} spawns)")
-    latency["helper (PAM on)"] = asyncio.run(helper_latency(fx.policy_pam, fx.key, account, n))
-    for name, run in baselines(account.pw_name, fx.probe).items():
-        say(f"spawn latency: {name} ({n} runs)")
-        for _ in range(5):
-            run()
-        latency[name] = [run() for _ in range(n)]
+    base = baselines(account.pw_name, fx.probe)
+    latency = {name: [] for name in ["helper (PAM off)", "helper (PAM on)", *base]}
+    throughput, per = {}, max(1, n // ROUNDS)
+    for r in range(ROUNDS):
+        say(f"spawn latency, round {r + 1} of {ROUNDS}: {per} spawns each of {', '.join(latency)}")
+        latency["helper (PAM off)"] += asyncio.run(helper_latency(fx.policy_nopam, fx.key, account, per))
+        latency["helper (PAM on)"] += asyncio.run(helper_latency(fx.policy_pam, fx.key, account, per))
+        for name, run in base.items():
+            for _ in range(3):  # warm-up
+                run()
+            latency[name] += [run() for _ in range(per)]
     say(f"spawn throughput: {burst} requests over {len(fx.accounts)} users")
     throughput["helper (PAM off)"] = asyncio.run(helper_burst(fx.policy_nopam, fx.key, fx.accounts, burst))
     throughput["helper (PAM on)"] = asyncio.run(helper_burst(fx.policy_pam, fx.key, fx.accounts, burst))
