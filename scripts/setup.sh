@@ -15,8 +15,9 @@ fi
 
 # Debian packages: the interpreter the helper runs on (outside /root, so users can reach
 # the UEP interpreter), PAM modules the tests use, runuser/setpriv, systemd tools for
-# socket activation and unit checks, RabbitMQ for the broker.
-pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps
+# socket activation and unit checks, RabbitMQ for the broker, strace (a lifetime test holds
+# a process inside a system call with it).
+pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps strace
       gcc libc6-dev sudo)  # the last three for bench/: the static probe, and sudo as a baseline
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

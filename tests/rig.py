@@ -307,6 +307,28 @@ def read_report(fd: int, timeout=10) -> dict:
     return json.loads(line)
 
 
+def wait_for_child(parent: int, timeout=10.0, running: str | None = None) -> int:
+    """The pid of a child of `parent` (one whose command line holds `running`, if given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            for child in map(int, f.read().split()):
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as c:
+                        if running is None or running.encode() in c.read():
+                            return child
+                except FileNotFoundError:
+                    pass
+        time.sleep(0.01)
+    raise AssertionError(f"process {parent} started no child {running or ''} within {timeout}s")
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, t for a traced stop, Z...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:

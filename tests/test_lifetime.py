@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from protocol.messages import Spawn
 from tests import rig
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
@@ -162,3 +163,33 @@ def test_closing_the_connection_stops_a_uep_that_ignores_term(helpers, accounts,
     assert helper.wait() == 0
     assert rig.wait_gone(pids, timeout=5) == []
     assert 1 <= time.monotonic() - started < 8
+
+
+def test_a_stop_that_arrives_while_the_session_process_forks_the_uep_is_not_lost(helpers, accounts, rigdir):
+    """strace holds the session process inside the clone() that creates the UEP while the
+    helper, told to stop, sends it TERM. Raised there, the stop would be swallowed by
+    Python's at-fork hook ("Exception ignored") and the session process would wait for a
+    UEP that sleeps 30 s until the helper KILLed it, PAM unclosed; it must stop the UEP."""
+    slow = rigdir.file("slow-account.sh", "#!/bin/sh\nsleep 1\n", mode=0o755)
+    service = rig.pam_service(f"forkstop-{os.urandom(3).hex()}", f"auth required pam_permit.so\n"
+                              f"account required pam_exec.so {slow}\nsession required pam_permit.so\n")
+    try:
+        helper, client = helpers(pam={"enabled": True, "service": service}, stop_grace_seconds=1)
+        client.request(Spawn("t1", accounts.alice.pw_name, accounts.alice.pw_uid, "uep1", {}, b'{"sleep": 30}',
+                             ("audit",)))
+        session = rig.wait_for_child(helper.proc.pid)  # in PAM's account step for a second
+        tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(session), "-e", "trace=clone",
+                                   "-e", "inject=clone:delay_exit=2000000"], stderr=subprocess.PIPE, text=True)
+        try:
+            uep = rig.wait_for_child(session, timeout=10, running=str(rigdir.probe))  # its parent is held in clone()
+            assert rig.proc_state(session) == "t", rig.proc_state(session)
+            client.sock.close()  # the helper ends: TERM to the session process, which arrives inside clone()
+            assert helper.wait(timeout=20) == 0
+        finally:
+            tracer.terminate()
+            tracer.wait(10)
+        log = helper.output()
+        assert "did not stop" not in log and "Exception ignored" not in log, log
+        assert rig.wait_gone([uep, session], timeout=5) == []
+    finally:
+        (rig.PAM_DIR / service).unlink(missing_ok=True)
