@@ -181,3 +181,27 @@ def test_rabbitmq_stopped_for_thirty_seconds(live, accounts, pam):
     assert rig.alive(alice_pid) and mep.proc.poll() is None
     assert started_lines(mep, bob["kwargs"]["name"]) == 1
     wait_for(lambda: len(mep.reports_now()) == 3, what="one report each from alice's, bob's and carol's UEP")
+
+
+def test_a_sighup_during_the_re_exec_itself_is_kept_for_the_new_image(live, accounts):
+    """strace holds the broker at the entry of its execve() while a second SIGHUP arrives.
+    Before the new image has its handlers, SIGHUP's default action would kill it; the
+    stop and reload signals are blocked across the exec, so the new image gets this one
+    and re-executes once more."""
+    mep = live()
+    broker = mep.broker_pid()
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(broker), "-e", "trace=execve",
+                               "-e", "inject=execve:delay_enter=1500000:when=1"], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # strace attached
+        os.kill(broker, signal.SIGHUP)
+        wait_for(lambda: rig.proc_state(broker) == "t", timeout=15, what="the broker held at its execve()")
+        os.kill(broker, signal.SIGHUP)  # arrives in the window between the two images
+        wait_for(lambda: mep.output().count("broker re-executed in place") >= 2 or mep.proc.poll() is not None,
+                 timeout=30, what="a second re-exec, for the SIGHUP that arrived during the first")
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    assert mep.proc.poll() is None and mep.broker_pid() == broker, mep.output()[-3000:]
+    mep.publish(mep.command("mept-alice@example.org"))
+    wait_for(lambda: mep.reports_now(), what="a UEP started by the twice re-executed broker")
