@@ -195,7 +195,10 @@ def test_a_sighup_during_the_re_exec_itself_is_kept_for_the_new_image(live, acco
     try:
         time.sleep(0.5)  # strace attached
         os.kill(broker, signal.SIGHUP)
-        wait_for(lambda: rig.proc_state(broker) == "t", timeout=15, what="the broker held at its execve()")
+        # held: after its last words, stopped by the tracer (a signal's delivery stops it too,
+        # so "t" alone could be the SIGHUP above)
+        wait_for(lambda: "re-executing the broker" in mep.output() and rig.proc_state(broker) == "t", timeout=15,
+                 what="the broker held at its execve()")
         os.kill(broker, signal.SIGHUP)  # arrives in the window between the two images
         wait_for(lambda: mep.output().count("broker re-executed in place") >= 2 or mep.proc.poll() is not None,
                  timeout=30, what="a second re-exec, for the SIGHUP that arrived during the first")
