@@ -21,7 +21,7 @@ import struct
 import time
 
 from broker import commands
-from broker.mep import Refusal
+from broker.mep import Refusal, reconnect_delay
 
 MAX_REQUEST = 1 << 20
 SOCKET_NAME = "admin.sock"
@@ -61,6 +61,13 @@ def identity_set(value) -> list:
         raise AdminError("the identity file must hold an identity object ({\"id\": ..., \"username\": ...}) or a "
                          "non-empty list of them, as the service sends in globus_identity_set")
     return value
+
+
+def amqp_state(mep) -> str:
+    if mep.amqp_lost_at is not None:
+        return (f"reconnecting: lost {round(time.time() - mep.amqp_lost_at)} s ago, {mep.amqp_failures} attempts "
+                f"failed, the next within {reconnect_delay(mep.amqp_failures):g} s")
+    return "connected" if mep.amqp is not None and not mep.amqp.is_closed else "not connected"
 
 
 class AdminServer:
@@ -127,7 +134,7 @@ class AdminServer:
         return {"name": config.name, "endpoint_id": mep.endpoint_id, "display_name": config.display_name,
                 "pid": os.getpid(), "user": pwd.getpwuid(os.getuid()).pw_name, "uptime_s": round(time.time() - mep.started),
                 "user_endpoints": len(mep.uep), "high_assurance": config.high_assurance,
-                "amqp": "connected" if mep.amqp is not None and not mep.amqp.is_closed else "not connected",
+                "amqp": amqp_state(mep),
                 "identity_mapping": str(mep.idmap.path), "config_dir": str(config.conf_dir)}
 
     async def op_list(self, _request) -> dict:

@@ -73,6 +73,7 @@ class MEP:
         self.stopping, self.reloading = asyncio.Event(), asyncio.Event()
         self.draining = False
         self.amqp = None  # the robust connection while serving
+        self.amqp_lost_at, self.amqp_failures = None, 0  # while it reconnects: since when, attempts failed
         self.started = time.time()
         helper.on_exit = self.on_exit
 
@@ -87,21 +88,19 @@ class MEP:
         connection = await aio_pika.connect_robust(info["connection_url"], reconnect_interval=RECONNECT_FIRST_S,
                                                    client_properties={  # what rabbitmqctl shows
                                                        "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})
-        failures = 0
-
         def lost(_connection, exc) -> None:  # the loss, then each failed attempt
-            nonlocal failures
             if exc is None or self.draining:
                 return
-            failures += 1
-            connection.reconnect_interval = reconnect_delay(failures)  # aio-pika reads it before each wait
+            self.amqp_failures += 1
+            self.amqp_lost_at = self.amqp_lost_at or time.time()
+            connection.reconnect_interval = reconnect_delay(self.amqp_failures)  # aio-pika reads it before each wait
             self.log.warning("AMQP connection lost; reconnecting", error=f"({type(exc).__name__}) {exc}",
-                             failures=failures, retry_in_s=connection.reconnect_interval)
+                             failures=self.amqp_failures, retry_in_s=connection.reconnect_interval)
 
         def back(*_) -> None:
-            nonlocal failures
-            self.log.warning("AMQP connection re-established", failed_attempts=failures)
-            failures, connection.reconnect_interval = 0, RECONNECT_FIRST_S
+            self.log.warning("AMQP connection re-established", failed_attempts=self.amqp_failures,
+                             down_s=round(time.time() - (self.amqp_lost_at or time.time()), 1))
+            self.amqp_lost_at, self.amqp_failures, connection.reconnect_interval = None, 0, RECONNECT_FIRST_S
         connection.reconnect_callbacks.add(back)
         connection.close_callbacks.add(lost)
         self.amqp = connection
