@@ -24,10 +24,13 @@ class _Stop(Exception):
     pass
 
 
+_RESETTABLE = tuple(sorted(s for s in signal.valid_signals()  # glibc keeps 32 up to SIGRTMIN for itself
+                           if s not in (signal.SIGKILL, signal.SIGSTOP) and not 32 <= s < signal.SIGRTMIN))
+
+
 def reset_signals(unblock: bool = True) -> None:
-    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-        with contextlib.suppress(OSError, ValueError):  # glibc's internal signals 32, 33
-            signal.signal(sig, signal.SIG_DFL)
+    for sig in _RESETTABLE:  # no exceptions to swallow: each costs memory a forked child must copy
+        signal.signal(sig, signal.SIG_DFL)
     if unblock:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 

@@ -43,11 +43,13 @@ def clear_capabilities() -> None:
     _check(_libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), ctypes.byref((_CapData * 2)())), "capset")
 
 
+with open("/proc/sys/kernel/cap_last_cap") as _f:  # read once, not in each forked child
+    LAST_CAP = int(_f.read())
+
+
 def drop_bounding_set() -> None:
     """Drop every capability from the bounding set (needs CAP_SETPCAP: call as root)."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last_cap = int(f.read())
-    for cap in range(last_cap + 1):
+    for cap in range(LAST_CAP + 1):
         try:
             prctl(PR_CAPBSET_DROP, cap)
         except OSError as e:
