@@ -38,7 +38,8 @@ async def helper_memory(fx, cycles: int, live: int = 100, say=print) -> dict:
             await spawn.spawn_once(client, account)
         after = rss_kib(helper.proc.pid)
         return {"idle_kib": idle, f"with_{live}_children_kib": with_children, "after_warmup_kib": after_warmup,
-                f"after_{cycles}_cycles_kib": after, "growth_per_cycle_bytes": (after - after_warmup) * 1024 / cycles}
+                f"after_{cycles}_cycles_kib": after, "growth_per_cycle_bytes": (after - after_warmup) * 1024 / cycles,
+                "growth_kib": after - after_warmup, "cycles": cycles}
     finally:
         helper.stop()
 
