@@ -36,7 +36,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from broker.session import BrokerSession
 from protocol import canonical
 from protocol.framing import FrameReader, encode_frame
-from protocol.messages import Ping, Signal, Spawn, to_wire
+from protocol.errors import ProtocolError
+from protocol.messages import Ping, Signal, Spawn, from_wire, to_wire
 from protocol.session import request_mac
 from tests import rig
 
@@ -205,8 +206,10 @@ def random_json(rng: random.Random, depth=0):
             for _ in range(rng.randrange(4))}
 
 
-def signed_junk(rng: random.Random, session: BrokerSession, req) -> bytes:
-    """A request whose MAC is right but whose content is not: the schema must hold alone."""
+def signed_junk(rng: random.Random, session: BrokerSession, req, sent: dict) -> bytes:
+    """A request whose MAC is right but whose content is not: the schema must hold alone.
+    Now and then the changes leave a valid request (another req id, say): it goes into
+    `sent` as what it now is, so that the oracle judges what the helper was really asked."""
     obj = {**to_wire(req), "seq": session.next_seq}
     for _ in range(rng.randrange(1, 4)):
         op = rng.random()
@@ -224,6 +227,11 @@ def signed_junk(rng: random.Random, session: BrokerSession, req) -> bytes:
         else:
             obj[key] = rng.choice([True, 1, "1", [], {}])
     obj.pop("mac", None)
+    try:
+        valid = from_wire({k: v for k, v in obj.items() if k != "seq"})
+        sent[valid.req] = valid
+    except ProtocolError:
+        pass
     body = canonical.dumps(obj)
     obj["mac"] = request_mac(session._key, session.nonce, body)
     return encode_frame(canonical.dumps(obj))
@@ -254,7 +262,7 @@ def make_case(rng: random.Random, who: list, allowed: dict, sent: dict):
         if kind < 0.75:
             chunks.append(mutate(rng, session.send(last)))
         elif kind < 0.9:
-            chunks.append(signed_junk(rng, session, last))
+            chunks.append(signed_junk(rng, session, last, sent))
         else:  # intact but cut anywhere, in pieces
             data = b"".join([*chunks[1:], session.send(last)])
             cut = rng.randrange(len(data) + 1)
