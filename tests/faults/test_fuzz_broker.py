@@ -106,8 +106,10 @@ def outcome_lines(mep) -> list:
 
 def test_random_start_commands_against_a_live_broker(live, accounts):
     a = accounts
+    # UEPs outlive the test: one that exited would replay a cached start, a second outcome
     mep = live(policy={"allow_users": list(ALLOWED), "deny_users": [a.denied.pw_name],
-                       "deny_groups": ["mept-denygrp"], "max_children_per_user": 8})
+                       "deny_groups": ["mept-denygrp"], "max_children_per_user": 8},
+               environment={"PROBE_ACTION": json.dumps({"sleep": 900})})
     broker = mep.broker_pid()
     published = []
 
