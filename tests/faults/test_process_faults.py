@@ -110,7 +110,7 @@ def test_helper_sigkill_takes_the_broker_and_every_uep(live, accounts, pam):
 
 
 def test_twenty_sighups_while_a_hundred_commands_stream_in(live, accounts):
-    mep = live(policy={"max_children_per_user": 60})
+    mep = live(policy={"max_children_per_user": 60}, environment={"PROBE_ACTION": json.dumps({"sleep": 600})})
     before = [mep.command("mept-carol@example.org")]
     mep.publish(before[0])
     [carol_pid] = wait_for(lambda: list(mep.reports_now()), what="carol's UEP")
