@@ -6,6 +6,7 @@ conftest.py runs at the start (leftovers of a killed run) and at the end of the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -321,6 +322,30 @@ def wait_for_child(parent: int, timeout=10.0, running: str | None = None) -> int
                     pass
         time.sleep(0.01)
     raise AssertionError(f"process {parent} started no child {running or ''} within {timeout}s")
+
+
+@contextlib.contextmanager
+def strace_holding(pid: int, syscall: str, inject: str):
+    """strace attached to `pid`, holding it in `syscall` as `inject` says (strace's
+    `-e inject=SYSCALL:INJECT`, e.g. "delay_exit=2000000"); entered once it is attached."""
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-e", f"trace={syscall}",
+                               "-e", f"inject={syscall}:{inject}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while _status_field(pid, "TracerPid") != str(tracer.pid):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"strace did not attach to {pid}: {tracer.stderr.read() if tracer.poll() else ''}")
+            time.sleep(0.01)
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+
+
+def _status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
 
 
 def proc_state(pid: int) -> str:

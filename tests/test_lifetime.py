@@ -178,16 +178,11 @@ def test_a_stop_that_arrives_while_the_session_process_forks_the_uep_is_not_lost
         client.request(Spawn("t1", accounts.alice.pw_name, accounts.alice.pw_uid, "uep1", {}, b'{"sleep": 30}',
                              ("audit",)))
         session = rig.wait_for_child(helper.proc.pid)  # in PAM's account step for a second
-        tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(session), "-e", "trace=clone",
-                                   "-e", "inject=clone:delay_exit=2000000"], stderr=subprocess.PIPE, text=True)
-        try:
+        with rig.strace_holding(session, "clone", "delay_exit=2000000"):
             uep = rig.wait_for_child(session, timeout=10, running=str(rigdir.probe))  # its parent is held in clone()
             assert rig.proc_state(session) == "t", rig.proc_state(session)
             client.sock.close()  # the helper ends: TERM to the session process, which arrives inside clone()
             assert helper.wait(timeout=20) == 0
-        finally:
-            tracer.terminate()
-            tracer.wait(10)
         log = helper.output()
         assert "did not stop" not in log and "Exception ignored" not in log, log
         assert rig.wait_gone([uep, session], timeout=5) == []

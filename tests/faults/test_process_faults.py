@@ -194,10 +194,7 @@ def test_a_sighup_during_the_re_exec_itself_is_kept_for_the_new_image(live, acco
     and re-executes once more."""
     mep = live()
     broker = mep.broker_pid()
-    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(broker), "-e", "trace=execve",
-                               "-e", "inject=execve:delay_enter=1500000:when=1"], stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)  # strace attached
+    with rig.strace_holding(broker, "execve", "delay_enter=1500000:when=1"):
         os.kill(broker, signal.SIGHUP)
         # held: after its last words, stopped by the tracer (a signal's delivery stops it too,
         # so "t" alone could be the SIGHUP above)
@@ -206,9 +203,6 @@ def test_a_sighup_during_the_re_exec_itself_is_kept_for_the_new_image(live, acco
         os.kill(broker, signal.SIGHUP)  # arrives in the window between the two images
         wait_for(lambda: mep.output().count("broker re-executed in place") >= 2 or mep.proc.poll() is not None,
                  timeout=30, what="a second re-exec, for the SIGHUP that arrived during the first")
-    finally:
-        tracer.terminate()
-        tracer.wait(10)
     assert mep.proc.poll() is None and mep.broker_pid() == broker, mep.output()[-3000:]
     mep.publish(mep.command("mept-alice@example.org"))
     wait_for(lambda: mep.reports_now(), what="a UEP started by the twice re-executed broker")
