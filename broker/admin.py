@@ -21,7 +21,7 @@ import struct
 import time
 
 from broker import commands
-from broker.mep import Refusal, reconnect_delay
+from broker.mep import Refusal
 
 MAX_REQUEST = 1 << 20
 SOCKET_NAME = "admin.sock"
@@ -64,9 +64,9 @@ def identity_set(value) -> list:
 
 
 def amqp_state(mep) -> str:
-    if mep.amqp_lost_at is not None:
+    if mep.amqp is not None and mep.amqp_lost_at is not None:
         return (f"reconnecting: lost {round(time.time() - mep.amqp_lost_at)} s ago, {mep.amqp_failures} attempts "
-                f"failed, the next within {reconnect_delay(mep.amqp_failures):g} s")
+                f"failed, the next within {mep.amqp.reconnect_interval:g} s")
     return "connected" if mep.amqp is not None and not mep.amqp.is_closed else "not connected"
 
 

@@ -27,13 +27,13 @@ from broker.registry import UEP, Registry, stdin_document
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 16.0  # AMQP reconnect backoff: 1, 2, 4, 8, 16, 16 ... s between attempts
+STOPPED = ("The multi-user endpoint is shutting down and stopped this user endpoint; tasks not yet finished will not "
+           "run. Submit them again once the endpoint is back, or contact its administrator.")
 
 
 def reconnect_delay(failures: int) -> float:
     """Seconds before the next AMQP connection attempt after `failures` in a row."""
     return min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** max(0, failures - 1))
-STOPPED = ("The multi-user endpoint is shutting down and stopped this user endpoint; tasks not yet finished will not "
-           "run. Submit them again once the endpoint is back, or contact its administrator.")
 
 
 class Refusal(Exception):
@@ -88,6 +88,7 @@ class MEP:
         connection = await aio_pika.connect_robust(info["connection_url"], reconnect_interval=RECONNECT_FIRST_S,
                                                    client_properties={  # what rabbitmqctl shows
                                                        "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})
+
         def lost(_connection, exc) -> None:  # the loss, then each failed attempt
             if exc is None or self.draining:
                 return
