@@ -24,8 +24,8 @@ class _Stop(Exception):
     pass
 
 
-_RESETTABLE = tuple(sorted(s for s in signal.valid_signals()  # glibc keeps 32 up to SIGRTMIN for itself
-                           if s not in (signal.SIGKILL, signal.SIGSTOP) and not 32 <= s < signal.SIGRTMIN))
+_RESETTABLE = tuple(s for s in signal.valid_signals()  # glibc keeps 32 up to SIGRTMIN for itself
+                    if s not in (signal.SIGKILL, signal.SIGSTOP) and not 32 <= s < signal.SIGRTMIN)
 
 
 def reset_signals(unblock: bool = True) -> None:

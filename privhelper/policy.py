@@ -145,7 +145,8 @@ def load_policy(path: str) -> Policy:
     return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid,
                   key_file=raw["key_file"], uep_argv=uep_argv, broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
                   pam=pam, env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),
-                  path_env=raw.get("path", Policy._field_defaults["path_env"]), lang=raw.get("lang", Policy._field_defaults["lang"]), **lists, **ints)
+                  path_env=raw.get("path", Policy._field_defaults["path_env"]),
+                  lang=raw.get("lang", Policy._field_defaults["lang"]), **lists, **ints)
 
 
 def read_key(policy: Policy) -> bytes:
