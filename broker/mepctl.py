@@ -30,10 +30,7 @@ def cmd_start(args) -> int:
         return 64
     # -I keeps the cwd off sys.path, so this finds the installed helper, never a checkout
     # in the current directory; the helper then re-executes itself as `python3 -I -S`
-    argv = [sys.executable, "-I", "-m", "privhelper", "--policy", policy, "--launch"]
-    if args.debug:
-        argv.append("--debug")
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, [sys.executable, "-I", "-m", "privhelper", "--policy", policy, "--launch"])
 
 
 def cmd_configure(args) -> int:
@@ -152,7 +149,6 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("name", metavar="NAME", nargs="?", help="the endpoint (its directory under the config root)")
     start.add_argument("--config-root", type=pathlib.Path, default=configure_mod.default_root(), help=root_help)
     start.add_argument("--policy", help="run with this helper policy file instead of NAME's")
-    start.add_argument("--debug", action="store_true", help="more helper logging")
     start.set_defaults(func=cmd_start)
 
     for command, text in ADMIN_COMMANDS.items():

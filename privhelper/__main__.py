@@ -6,9 +6,10 @@
 Always runs as `python3 -I -S`; started any other way it re-executes itself so."""
 
 import argparse
-import logging
 import os
 import sys
+
+from privhelper import log
 
 EX_USAGE, EX_CONFIG, EX_NOPERM = 64, 78, 77
 
@@ -21,7 +22,6 @@ def parse_args(argv):
     mode.add_argument("--launch", action="store_true", help="start the broker (policy broker_argv) as the broker account and serve it")
     mode.add_argument("--socket-activated", action="store_true", help="serve the connection systemd passed as fd 3 (Accept=yes)")
     mode.add_argument("--fd", type=int, help="serve an already-connected unix socket on this fd")
-    parser.add_argument("--debug", action="store_true", help="log more")
     return parser.parse_args(argv)
 
 
@@ -40,9 +40,6 @@ def main(argv=None) -> int:
     if not (sys.flags.isolated and sys.flags.no_site):
         os.execv(sys.executable, isolated_argv(sys.executable, code_dir, argv))
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="mep-privhelper[%(process)d] %(levelname)s %(message)s")
-    log = logging.getLogger("mep-privhelper")
     if os.geteuid() != 0:
         log.error("must run as root (euid is %d)", os.geteuid())
         return EX_NOPERM

@@ -1,19 +1,17 @@
 """After fork: the session process (root; holds PAM open for the UEP's life) and the UEP
 child's drop to the user with no way back. Never runs in the helper itself."""
 
+import _signal  # signal's C core (see reset_signals)
 import contextlib
 import fcntl
-import logging
 import os
 import signal
 import time
 
-from privhelper import linux
+from privhelper import linux, log
 from privhelper.authorize import Refusal
 from privhelper.pam import PamError, PamSession
 from privhelper.policy import FIXED_ENV
-
-log = logging.getLogger("mep-privhelper")
 
 ERR_FD = 5  # the child's close-on-exec error pipe: EOF there means exec succeeded
 CHANNEL_FDS = {"stdin": 0, "cred": 3, "audit": 4}
@@ -24,15 +22,16 @@ class _Stop(Exception):
     pass
 
 
-_RESETTABLE = tuple(s for s in signal.valid_signals()  # glibc keeps 32 up to SIGRTMIN for itself
+_RESETTABLE = tuple(int(s) for s in signal.valid_signals()  # glibc keeps 32 up to SIGRTMIN for itself
                     if s not in (signal.SIGKILL, signal.SIGSTOP) and not 32 <= s < signal.SIGRTMIN)
 
 
 def reset_signals(unblock: bool = True) -> None:
-    for sig in _RESETTABLE:  # no exceptions to swallow: each costs memory a forked child must copy
-        signal.signal(sig, signal.SIG_DFL)
+    """In forked children, where each page written is copied: no exceptions, no enum-converting wrappers."""
+    for sig in _RESETTABLE:
+        _signal.signal(sig, _signal.SIG_DFL)
     if unblock:
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def place_fds(plan: dict, err_w: int) -> None:
@@ -48,13 +47,13 @@ def place_fds(plan: dict, err_w: int) -> None:
             os.close(fd)
 
 
-def drop_privileges(name: str, uid: int, gid: int, groups: tuple, no_new_privs: bool) -> None:
+def drop_privileges(uid: int, gid: int, groups: tuple, no_new_privs: bool) -> None:
     """Become uid/gid with exactly `groups` and no capabilities; verify every bit of it."""
     linux.prctl(linux.PR_SET_KEEPCAPS, 0)
     linux.drop_bounding_set()  # needs CAP_SETPCAP, so before the uid change
     linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
     os.setresgid(gid, gid, gid)
-    os.initgroups(name, gid)
+    os.setgroups(groups)  # exactly what authorize() checked (docs/decisions.md)
     os.setresuid(uid, uid, uid)
     linux.clear_capabilities()  # the uid change clears permitted/effective, not inheritable
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
@@ -92,7 +91,7 @@ def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
         step = "fds"
         place_fds(plan, err_w)
         err_fd, step = ERR_FD, "privilege drop"
-        drop_privileges(account.name, account.uid, account.gid, account.groups, no_new_privs)
+        drop_privileges(account.uid, account.gid, account.groups, no_new_privs)
         step = "parent-death signal"
         follow_parent(parent_pid, signal.SIGKILL)
         try:
@@ -139,9 +138,9 @@ def session_process(*, account, req, policy, child_fds, status_w, helper_pid) ->
         follow_parent(helper_pid, signal.SIGTERM)
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what the UEP orphans comes to us, not to init
         for sig in _STOPS:
-            signal.signal(sig, _raise_stop)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE, not death, when the helper is gone (reset_signals undoes it in the UEP)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            _signal.signal(sig, _raise_stop)
+        _signal.signal(signal.SIGPIPE, _signal.SIG_IGN)  # EPIPE, not death, when the helper is gone (reset_signals undoes it in the UEP)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, ())
         code = _run_session(account, req, policy, child_fds, status_w)
     except BaseException as e:  # noqa: BLE001
         log.error("session process for %s failed: %r", account.name, e)
@@ -194,7 +193,7 @@ def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
     me = os.getpid()
     # stops wait until _wait_uep, where they TERM the UEP: raised here, one could be lost in
     # an at-fork hook ("Exception ignored") or leave the UEP's pid unknown
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    _signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     if (pid := os.fork()) == 0:
         exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=no_new_privs, parent_pid=me)
     os.close(err_w)

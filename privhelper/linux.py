@@ -59,5 +59,5 @@ def drop_bounding_set() -> None:
 
 def proc_status() -> dict:
     """This process's /proc/self/status as a dict of strings."""
-    with open("/proc/self/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    with open("/proc/self/status", "rb") as f:  # bytes: a text file's decoder costs a forked child 0.1 ms
+        return dict(line.decode().split(":\t", 1) for line in f.read().splitlines() if b":\t" in line)

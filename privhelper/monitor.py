@@ -9,7 +9,6 @@ Fatal: log why, close the connection, stop every UEP, let PAM sessions close, ex
 """
 
 import fcntl
-import logging
 import os
 import select
 import signal
@@ -19,10 +18,8 @@ import time
 from protocol.errors import ProtocolError
 from protocol.session import CLOSED, NEED_DATA, HelperSession
 from protocol.messages import Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned
-from privhelper import child
+from privhelper import child, log
 from privhelper.authorize import Refusal, authorize
-
-log = logging.getLogger("mep-privhelper")
 
 class Fatal(Exception):
     pass
@@ -64,9 +61,10 @@ class Monitor:
         except (Fatal, ProtocolError, OSError) as e:
             reason, code = f"{type(e).__name__}: {e}", 2
         except Exception as e:  # noqa: BLE001 - fatal on anything unexpected, but clean up first
-            log.exception("unexpected error")
+            import traceback  # only now: the helper never loads it otherwise
+            log.error("unexpected error\n%s", traceback.format_exc().rstrip())
             reason, code = f"{type(e).__name__}: {e}", 3
-        log.log(logging.INFO if code == 0 else logging.ERROR, "ending: %s", reason)
+        (log.info if code == 0 else log.error)("ending: %s", reason)
         self.shutdown()
         return code
 

@@ -57,6 +57,9 @@ print(json.dumps({{name: getattr(m, "__file__", None) for name, m in sys.modules
             assert "site-packages" not in str(resolved) and "dist-packages" not in str(resolved), (name, file)
     assert not any(n.split(".")[0] in ("broker", "aio_pika", "jinja2", "yaml", "cffi", "prctl") for n in modules)
     assert "privhelper.pam" in modules and "ctypes" in modules
+    # threading's at-fork hooks (logging imports it) would run in both children of every
+    # spawn, 0.4 ms of copy-on-write faults each (docs/performance.md); its own log.py instead
+    assert "threading" not in modules and "logging" not in modules and "privhelper.log" in modules
 
 
 ROOT_LINE_LIMIT = 1200  # issue 3's "Done when"; docs/root-code.md

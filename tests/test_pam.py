@@ -1,6 +1,8 @@
 """PAM in the per-UEP session process (SECURITY-REVIEW 14), with real modules and
 service files under /etc/pam.d created for the test."""
 
+import grp
+import os
 
 import pytest
 
@@ -96,3 +98,25 @@ def test_nologin_message_reaches_the_caller(helpers, accounts, rigdir, pamrig):
         pamrig["nologin_file"].unlink()
     ok = client.spawn(accounts.alice, name="after")
     assert ok.type == "spawned", ok  # the file is gone: allowed again
+
+
+def test_groups_are_those_authorized_not_looked_up_again(helpers, accounts, rigdir):
+    """The UEP gets exactly the groups the helper checked (setgroups of the authorized
+    list, not initgroups at the drop): here a PAM account step puts carol into the
+    denied group after the check and before the drop; her UEP must not be in it."""
+    carol, denygrp = accounts.carol, grp.getgrnam(rig.PREFIX + "denygrp")
+    hook = rigdir.file("pam-addgroup.sh", f"#!/bin/sh\ngpasswd -a {carol.pw_name} {denygrp.gr_name} >/dev/null\n", mode=0o755)
+    service = rig.pam_service("addgroup", f"account required pam_exec.so {hook}\naccount required pam_unix.so\n")
+    try:
+        helper, client = helpers(pam_policy(rigdir, service, deny_groups=[denygrp.gr_name]))
+        reply = client.spawn(carol)
+        assert reply.type == "spawned", reply
+        seen = rig.read_report(reply.fds["audit"])
+        assert denygrp.gr_gid in os.getgrouplist(carol.pw_name, carol.pw_gid)  # the account step did add her
+        assert seen["groups"] == [carol.pw_gid]
+        assert client.wait_exited(reply.pid).status == 0
+        refused = client.spawn(carol, name="uep2")  # checked again, she is refused now
+        assert (refused.type, refused.code) == ("refused", "denied-group"), refused
+    finally:
+        rig.run("gpasswd", "-d", carol.pw_name, denygrp.gr_name, check=False)
+        (rig.PAM_DIR / service).unlink(missing_ok=True)
