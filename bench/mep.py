@@ -62,7 +62,7 @@ class MEP:
 
     def __init__(self, fx: fixture.Fixture, *, config=None, template=TEMPLATE, schema=SCHEMA, uep_argv=None,
                  registration=True):
-        self.tag = secrets.token_hex(3)
+        self.fx, self.tag = fx, secrets.token_hex(3)
         self.dir = fx.dir / f"mep-{self.tag}"
         self.dir.mkdir(mode=0o755)
         self.reports = self.dir / "reports"
@@ -125,7 +125,12 @@ class MEP:
                     await channel.queue_delete(name)
 
     def broker_pid(self) -> int:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        """The helper's child that runs as the broker account (the others are root session
+        processes; pids wrap at pid_max, so the lowest pid is not always the broker)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-u", self.fx.broker.pw_name],
+                             capture_output=True, text=True).stdout.split()
+        if len(out) != 1:
+            raise RuntimeError(f"expected one broker process under helper {self.proc.pid}, found {out}")
         return int(out[0])
 
     async def offer(self, users: list, count: int, rate: float, prefix: str) -> dict:
