@@ -47,7 +47,7 @@ def plots(results: dict, out: pathlib.Path) -> list:
     except ImportError:
         return []
     raw = results["spawn"]["latency_ns"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     ax.boxplot([[v / 1e6 for v in raw[k]] for k in raw], tick_labels=list(raw), showfliers=True)
     ax.set_ylabel("spawn latency, ms (request -> probe's first instruction)")
     ax.set_yscale("log")
@@ -112,7 +112,9 @@ def comparisons(results: dict) -> list:
         f"(goal < 2 ms: {verdict(overhead < 2)})",
         f"helper with PAM vs runuser at p50: {lat['helper (PAM on)']['p50_ms']:.2f} vs {lat['runuser']['p50_ms']:.2f} ms "
         f"(goal: no slower; {verdict(lat['helper (PAM on)']['p50_ms'] <= lat['runuser']['p50_ms'])}; the same session "
-        "stack, plus the account check runuser skips)",
+        "stack, plus the account check runuser skips; upstream's way, one fork with PAM in the child: "
+        f"{lat['bare fork+PAM+setuid+exec']['p50_ms']:.2f} ms, "
+        f"{lat['bare fork+PAM+setuid+exec']['p50_ms'] / lat['runuser']['p50_ms']:.2f}x runuser)",
         f"burst throughput: {tput['helper (PAM off)']:.0f}/s without PAM (goal >= 200: "
         f"{verdict(tput['helper (PAM off)'] >= 200)}), {tput['helper (PAM on)']:.0f}/s with PAM (goal >= 100: "
         f"{verdict(tput['helper (PAM on)'] >= 100)})",

@@ -1,5 +1,6 @@
 """Spawn latency and throughput: our helper (PAM off and on) against runuser, setpriv, sudo
-and a bare fork+setuid+exec from an already-running root Python process (upstream's way).
+and a bare fork+setuid+exec from an already-running root Python process (upstream's way),
+without and with the same PAM stack in the forked child.
 
 Latency is from the moment the request is written (our helper) or the command is started
 (baselines) to the probe's first instruction after exec: the static probe (bench/probe.c)
@@ -18,15 +19,20 @@ import time
 
 from bench import fixture
 from broker.helper_client import HelperClient
+from privhelper.pam import PamSession
 
 
-def bare_fork(account: pwd.struct_passwd, probe: str) -> int:
-    """Upstream's way: fork from the running root process, drop, exec; report via a pipe."""
+def bare_fork(account: pwd.struct_passwd, probe: str, pam_service: str | None = None) -> int:
+    """Upstream's way: fork from the running root process, drop, exec; report via a pipe.
+    With `pam_service`, the child first runs PAM's account, setcred and open_session, as
+    upstream's child does (a lower bound: nothing stays behind to close the session)."""
     r, w = os.pipe()
     t0 = time.monotonic_ns()
     pid = os.fork()
     if pid == 0:
         try:
+            if pam_service:
+                PamSession(pam_service, account.pw_name).open()
             os.dup2(w, 1)
             os.initgroups(account.pw_name, account.pw_gid)
             os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
@@ -47,14 +53,16 @@ def command(argv: list) -> int:
     return int(out) - t0
 
 
-def baselines(user: str, probe: str) -> dict:
+def baselines(user: str, probe: str, pam_service: str | None = None) -> dict:
     account = pwd.getpwnam(user)
+    pam = {"bare fork+PAM+setuid+exec": lambda: bare_fork(account, probe, pam_service)} if pam_service else {}
     return {
         "runuser": lambda: command(["runuser", "-u", user, "--", probe]),
         "setpriv": lambda: command(["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
                                     "--init-groups", "--", probe]),
         "sudo": lambda: command(["sudo", "-n", "-u", user, probe]),
         "bare fork+setuid+exec": lambda: bare_fork(account, probe),
+        **pam,
     }
 
 
@@ -152,7 +160,7 @@ ROUNDS = 6  # the candidates take turns, so that the machine's drift falls on al
 
 def measure(fx: fixture.Fixture, n: int, burst: int, say=print) -> dict:
     account = fx.accounts[0]
-    base = baselines(account.pw_name, fx.probe)
+    base = baselines(account.pw_name, fx.probe, fx.pam_service)
     latency = {name: [] for name in ["helper (PAM off)", "helper (PAM on)", *base]}
     throughput, per = {}, max(1, n // ROUNDS)
     for r in range(ROUNDS):

@@ -20,7 +20,7 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     latency = results["spawn"]["latency"]
     assert set(latency) == {"helper (PAM off)", "helper (PAM on)", "runuser", "setpriv", "sudo",
-                            "bare fork+setuid+exec"}
+                            "bare fork+setuid+exec", "bare fork+PAM+setuid+exec"}
     for name, s in latency.items():
         assert s["n"] == 30 and 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], (name, s)
     assert all(rate > 0 for rate in results["spawn"]["throughput_per_s"].values())
