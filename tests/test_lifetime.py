@@ -3,13 +3,15 @@ and the helper only signals its own children."""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
-from protocol.messages import Spawn
+from protocol.messages import Signal, Spawn
 from tests import rig
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
@@ -188,3 +190,32 @@ def test_a_stop_that_arrives_while_the_session_process_forks_the_uep_is_not_lost
         assert rig.wait_gone([uep, session], timeout=5) == []
     finally:
         (rig.PAM_DIR / service).unlink(missing_ok=True)
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback_and_still_stops_every_uep(rigdir, accounts):
+    """Fatal on anything unexpected, but clean up first: a bug (here a handler made to
+    raise) ends the helper with exit code 3, its traceback in the log, and the UEP that
+    was running stopped like on any other fatal error."""
+    policy = rigdir.policy(stop_grace_seconds=1)
+    sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    boot = (f"import sys; sys.path.insert(0, {str(rig.CODE_DIR)!r}); from privhelper import monitor, __main__\n"
+            "def broken(self, msg): raise ValueError('injected for the test')\n"
+            "monitor.Monitor.do_signal = broken\nsys.exit(__main__.main())")
+    proc = subprocess.Popen([rig.PYTHON, "-I", "-S", "-c", boot, "--policy", str(policy), "--fd", str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    try:
+        client = rig.Client(sock, rigdir.key)
+        client.handshake()
+        reply = client.spawn(accounts.alice, stdin=b'{"sleep": 30}')
+        assert reply.type == "spawned", reply
+        client.request(Signal("t9", reply.pid, "TERM"))
+        assert proc.wait(timeout=15) == 3
+        log = proc.stderr.read()
+        assert re.search(r"mep-privhelper\[\d+\] ERROR unexpected error\nTraceback \(most recent call last\):\n", log), log
+        assert "ValueError: injected for the test\n" in log and "ERROR ending: ValueError: injected for the test" in log
+        assert rig.wait_gone([reply.pid], timeout=5) == []
+        assert rig.processes_of(accounts.alice.pw_name) == []
+    finally:
+        sock.close()
+        rig.reap(proc, 15)
