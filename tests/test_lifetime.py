@@ -219,3 +219,29 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_still_stops_every_
     finally:
         sock.close()
         rig.reap(proc, 15)
+
+
+def test_a_log_that_cannot_be_written_does_not_stop_the_helper(rigdir, accounts):
+    """stderr gone (journald restarted, say): every log line now fails with EPIPE. The
+    helper drops them, as `logging` did, and goes on serving; it must not take every UEP
+    down with it."""
+    sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(rig.helper_cmd(rigdir.policy(), "--fd", str(theirs.fileno())), pass_fds=[theirs.fileno()],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    theirs.close()
+    proc.stderr.close()  # nobody reads the log any more
+    try:
+        client = rig.Client(sock, rigdir.key)
+        client.handshake()
+        for i in range(20):  # spawned, exited: two lines each, from the helper and its session processes
+            reply = client.spawn(accounts.alice, name=f"uep{i}", channels=("audit",))
+            assert reply.type == "spawned", reply
+            assert rig.read_report(reply.fds["audit"])["resuid"] == [accounts.alice.pw_uid] * 3
+            os.close(reply.fds["audit"])
+            assert client.wait_exited(reply.pid).status == 0
+        assert proc.poll() is None
+        sock.close()
+        assert proc.wait(timeout=15) == 0
+    finally:
+        sock.close()
+        rig.reap(proc, 15)
