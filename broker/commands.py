@@ -16,6 +16,7 @@ import time
 
 import attrs
 
+MAX_DEPTH = 100  # lists and objects in a command nest at most this deep
 MAX_SKEW_S = 180  # upstream's: older (or further in the future) commands are refused
 START_COMMAND = "cmd_start_endpoint"
 UEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the helper's rule, checked early
@@ -52,16 +53,58 @@ class StartCommand:
         return {"uep": self.name, "identity": self.effective_identity, "globus_username": self.globus_username}
 
 
+def depth(obj) -> int:
+    """How deeply lists and objects nest in `obj` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def shallow(text: str, max_depth: int) -> str:
+    """JSON text with every list or object deeper than `max_depth` replaced by null, so
+    that a body too deep to parse still yields the credentials its failure notice needs."""
+    out, level, cut, in_string, escaped = [], 0, None, False, False
+    for c in text:
+        if in_string:
+            in_string, escaped = (escaped or c != '"'), (not escaped and c == "\\")
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            level += 1
+            if level > max_depth and cut is None:
+                cut = level
+                out.append("null")
+        elif c in "]}":
+            level -= 1
+            if cut is not None and level < cut:
+                cut = None
+                continue
+        if cut is None:
+            out.append(c)
+    return "".join(out)
+
+
 def parse(body: bytes, content_type: str | None, timestamp, now: float | None = None) -> StartCommand:
     if content_type != "application/json":
         raise CommandRejected("Invalid message type; expecting JSON", log_detail=f"content type {content_type!r}")
+    too_deep = False
     try:
-        msg = json.loads(body)
+        try:
+            msg = json.loads(body)
+        except RecursionError:  # deeper than the parser's stack: read what is shallow, for the notice
+            msg, too_deep = json.loads(shallow(body.decode("utf-8"), MAX_DEPTH)), True
         if not isinstance(msg, dict):
             raise ValueError("the body is not a JSON object")
         kwargs = msg.get("kwargs", {})
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CommandRejected(f"Unable to deserialize Globus Compute services command. ({type(e).__name__}) {e}") from None
+    if too_deep or depth(msg) > MAX_DEPTH:  # templates, schemas and YAML recurse over user_opts
+        raise CommandRejected(f"Invalid server command: nested more than {MAX_DEPTH} levels deep (user_opts or "
+                              "user_runtime?)", kwargs)
     now = round(time.time() if now is None else now)
     try:
         ts = int(timestamp)

@@ -14,10 +14,10 @@ import os
 import socket
 from typing import Callable
 
-from broker.session import BrokerSession
+from broker.session import BrokerSession, InvalidRequest  # noqa: F401 - raised by requests
 from protocol.errors import ProtocolError
 from protocol.session import CLOSED, NEED_DATA
-from protocol.messages import CHANNELS, Challenge, Exited, Ping, Refused, Signal, Spawn, Spawned
+from protocol.messages import CHANNELS, Challenge, Exited, Refused, Signal, Spawn, Spawned
 
 MAX_FDS_PER_READ = 16
 
@@ -77,18 +77,20 @@ class HelperClient:
     async def signal(self, pid: int, sig: str = "TERM") -> None:
         await self._request(lambda req: Signal(req, pid, sig))
 
-    async def ping(self) -> None:
-        await self._request(lambda req: Ping(req))
-
     async def _request(self, build):
-        if self.closed.done():
-            raise HelperGone("the helper connection is closed")
+        """Send one request and wait for its reply. A request that breaks the protocol's
+        rules raises InvalidRequest before it takes a sequence number or a reply slot:
+        that request fails, the connection and every other request go on."""
         req, self.next_req = f"r{self.next_req}", self.next_req + 1
-        future = asyncio.get_running_loop().create_future()
-        self._pending[req] = future
-        async with self._send_lock:
-            data = self.session.send(build(req))
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        async with self._send_lock:  # sequence numbers in the order the frames go out
+            if self.closed.done():
+                raise HelperGone("the helper connection is closed")
+            data = self.session.send(build(req))  # raises InvalidRequest
+            future = self._pending[req] = asyncio.get_running_loop().create_future()
+            try:  # shielded: a frame cut in half by a cancellation would break the stream
+                await asyncio.shield(asyncio.get_running_loop().sock_sendall(self.sock, data))
+            except OSError as e:
+                self._close(HelperGone(f"writing to the helper: {e}"))
         return await future
 
     # -- events -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import sys
 
 import attrs
 
-from broker import console, logs, reexec, registration as registration_mod
+from broker import console, lock, logs, reexec, registration as registration_mod
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
@@ -117,6 +117,13 @@ async def run(args) -> int:
         logs.setup(None, debug=args.debug)
         logs.get().error("cannot write endpoint.log; logging to stderr only", error=str(e))
     log = logs.get().bind(mep=config.name)
+    try:  # before the registration and the admin socket, which a second broker would take over
+        lock_fd = lock.acquire(config.conf_dir / "run", config.name)
+    except (lock.AlreadyRunning, OSError) as e:
+        log.error("cannot start", error=str(e))
+        if not args.log_to_console:
+            print(f"mep-broker: cannot start: {e}", file=sys.stderr)
+        return EX_CONFIG
     try:
         setup = read_setup(args, log, config=config)
     except SETUP_ERRORS as e:
@@ -136,14 +143,14 @@ async def run(args) -> int:
     mep = MEP(setup.config, setup.registration, helper, setup.idmap, log, audit)
     if state is not None:
         restore(mep, state)  # before the loop runs again: an `exited` may be waiting
-    return await Broker(args, setup, mep, log).run(resumed=state is not None)
+    return await Broker(args, setup, mep, log, lock_fd).run(resumed=state is not None)
 
 
 class Broker:
     """The process around the MEP: signals, admin socket, timer line, reload and stop."""
 
-    def __init__(self, args, setup: Setup, mep: MEP, log):
-        self.args, self.setup, self.mep, self.log = args, setup, mep, log
+    def __init__(self, args, setup: Setup, mep: MEP, log, lock_fd: int):
+        self.args, self.setup, self.mep, self.log, self.lock_fd = args, setup, mep, log, lock_fd
         self.admin = AdminServer(socket_path(setup.config.conf_dir), mep, log, self.request_reload)
 
     def request_reload(self, by: str) -> str | None:
@@ -181,6 +188,8 @@ class Broker:
             except Exception as e:  # noqa: BLE001 - say why, then stop every UEP below
                 log.exception("broker failed", error=str(e))
                 code, reason = EX_UNAVAILABLE, "failed"
+            if reason == "duplicate":
+                code = EX_CONFIG
             if reason != "reload":
                 break
             await self.restart_in_place(background)  # returns only if it could not
@@ -211,12 +220,14 @@ class Broker:
             background[:] = await self._start_background(resumed=True)
             return
         state_fd, keep = reexec.save(self.mep)  # no await between quiesce() and exec
+        keep += lock.pass_on(self.lock_fd)
         self.log.info("re-executing the broker", pid=os.getpid(), user_endpoints=len(self.mep.uep))
         sys.stdout.flush()
         sys.stderr.flush()
         try:
             reexec.exec_self(state_fd, keep)
         except OSError as e:
+            os.environ.pop(lock.RESUME_ENV, None)
             self.log.error("re-exec failed; serving on with the running image", error=str(e))
         background[:] = await self._start_background(resumed=True)
 

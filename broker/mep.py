@@ -14,15 +14,18 @@ import asyncio
 import os
 import pwd
 import time
+import uuid
 
 import aio_pika
+import aiormq.exceptions
 import yaml
 from cryptography.fernet import Fernet
 
-from broker import commands, notices, templates
+from broker import commands, limits, notices, templates
 from broker.config import MEPConfig
-from broker.helper_client import HelperClient, HelperGone, HelperRefused
+from broker.helper_client import HelperClient, HelperGone, HelperRefused, InvalidRequest
 from broker.idmap import IdentityMapper
+from broker.journal import MAX_BEGUN, Journal, digest
 from broker.registry import UEP, Registry, stdin_document
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
@@ -44,19 +47,36 @@ class Refusal(Exception):
         self.user_message, self.log_fields = user_message, log_fields
 
 
+ENV_BROKEN = "the endpoint's user environment file is broken; contact the endpoint administrator"
+
+
 def load_user_environment(path) -> dict:
-    """user_environment.yaml: flat `NAME: value` pairs for every UEP's environment."""
+    """user_environment.yaml: flat `NAME: value` pairs for every UEP's environment, each
+    within the helper's limits (a name such as MY-VAR would otherwise reach the helper)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         return {}
     except (OSError, yaml.YAMLError) as e:
-        raise Refusal("the endpoint's user environment file is broken; contact the endpoint administrator",
-                      f"{path}: {e}") from None
+        raise Refusal(ENV_BROKEN, f"{path}: {e}") from None
     if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
-        raise Refusal("the endpoint's user environment file is broken; contact the endpoint administrator",
-                      f"{path}: must be flat `NAME: value` pairs")
-    return {str(k): "" if v is None else str(v) for k, v in data.items()}
+        raise Refusal(ENV_BROKEN, f"{path}: must be flat `NAME: value` pairs")
+    env = {str(k): "" if v is None else str(v) for k, v in data.items()}
+    try:
+        return limits.environment(env, path.name)
+    except limits.LimitBroken as e:
+        raise Refusal(f"{ENV_BROKEN} ({e})", str(e), file=str(path)) from None
+
+
+def runtime_environment(cmd: commands.StartCommand) -> dict:
+    """What the UEP is told of the user's runtime, each value checked where it enters."""
+    python, env = cmd.user_runtime.get("python"), {}  # a dict: render() refused anything else
+    for name, label, value in (
+            ("GC_USER_PYTHON_VERSION", "user_runtime.python.version", python.get("version") if isinstance(python, dict) else None),
+            ("GC_USER_SDK_VERSION", "user_runtime.globus_compute_sdk_version", cmd.user_runtime.get("globus_compute_sdk_version"))):
+        if isinstance(value, str):
+            env[name] = limits.env_value(label, value)
+    return env
 
 
 class MEP:
@@ -75,13 +95,14 @@ class MEP:
         self.amqp = None  # the robust connection while serving
         self.amqp_lost_at, self.amqp_failures = None, 0  # while it reconnects: since when, attempts failed
         self.started = time.time()
+        self.journal = Journal(config.conf_dir / "run" / "inflight.json", log)
         helper.on_exit = self.on_exit
 
     # -- AMQP ------------------------------------------------------------------------
 
     async def serve(self) -> str:
         """Consume commands until a stop, a reload or the loss of the helper; returns
-        "stop", "reload" or "helper-gone". Commands in hand are finished first; commands
+        "stop", "reload", "helper-gone" or "duplicate" (another MEP consumes the queue). Commands in hand are finished first; commands
         delivered but not begun stay unacked and go back to the queue."""
         info = self.registration["command_queue_info"]
         self.draining = False
@@ -109,7 +130,14 @@ class MEP:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=PREFETCH)
             queue = await channel.declare_queue(info["queue"], passive=True)
-            tag = await queue.consume(self.on_message)
+            try:  # exclusive: a second MEP of the same registration is refused, not served alongside
+                tag = await queue.consume(self.on_message, exclusive=True)
+            except aiormq.exceptions.ChannelAccessRefused as e:
+                self.log.error("another MEP is consuming this endpoint's command queue (the same registration, "
+                               "started from another directory or host); this one stops", queue=info["queue"],
+                               endpoint_id=self.endpoint_id, error=str(e))
+                self.amqp = None
+                return "duplicate"
             self.log.info("consuming start commands", queue=info["queue"], endpoint_id=self.endpoint_id)
             waits = {asyncio.ensure_future(self.stopping.wait()): "stop",
                      asyncio.ensure_future(self.reloading.wait()): "reload", self.helper.closed: "helper-gone"}
@@ -139,17 +167,21 @@ class MEP:
 
     async def _serve_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._in_hand += 1
+        key = digest(message.body)
         try:
             ts = message.timestamp.timestamp() if message.timestamp else None
-            try:
-                await self.handle(message.body, message.content_type, ts)
-            except HelperGone as e:
-                # not acked: the next broker gets this command again
-                self.log.error("helper connection lost while serving a command; leaving it for redelivery",
-                               error=str(e))
-                return
-            except Exception:  # noqa: BLE001 - the broker must outlive any one command
-                self.log.exception("unexpected error while serving a command; it was answered and acknowledged")
+            if (begun := self.journal.interrupted(key)) >= MAX_BEGUN:
+                await self.refuse_interrupted(message.body, begun)
+            else:
+                self.journal.begin(key)
+                try:
+                    await self.handle(message.body, message.content_type, ts)
+                except HelperGone as e:
+                    # not acked: the next broker gets this command again (journal.py: once)
+                    self.log.error("helper connection lost while serving a command; leaving it for redelivery",
+                                   error=str(e), times_begun=begun + 1)
+                    return
+            self.journal.end(key)
             try:
                 await message.ack()
             except Exception as e:  # noqa: BLE001 - the channel went with the connection
@@ -171,12 +203,33 @@ class MEP:
     # -- one command -----------------------------------------------------------------
 
     async def handle(self, body: bytes, content_type, timestamp) -> None:
+        """Serve one command; whatever goes wrong, its user hears of it and the broker goes on."""
+        kwargs, who = {}, "(unparsed command)"
         try:
-            cmd = commands.parse(body, content_type, timestamp)
+            try:
+                cmd = commands.parse(body, content_type, timestamp)
+            except commands.CommandRejected as e:
+                self.log.error("start command refused", reason=e.log_detail)
+                return await self.notify(e.kwargs, str(e), who=who)
+            kwargs, who = cmd.kwargs, cmd.effective_identity
+            await self.serve_start(cmd)
+        except (HelperGone, asyncio.CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - the broker must outlive any one command
+            reference = uuid.uuid4().hex[:12]
+            self.log.exception("unexpected error while serving a start command; its user was sent a notice with "
+                               "this reference", reference=reference, who=who)
+            await self.notify(kwargs, notices.unexpected(reference), who=who)
+
+    async def refuse_interrupted(self, body: bytes, begun: int) -> None:
+        """A command whose handling was cut short `begun` times (journal.py): refused, not tried again."""
+        try:
+            kwargs = commands.parse(body, "application/json", time.time()).kwargs
         except commands.CommandRejected as e:
-            self.log.error("start command refused", reason=e.log_detail)
-            return await self.notify(e.kwargs, str(e), who="(unparsed command)")
-        await self.serve_start(cmd)
+            kwargs = e.kwargs  # without amqp_creds no notice can be sent, and notify() logs that
+        self.log.error("start command refused: its handling was interrupted before (the broker or its helper "
+                       "stopped during it), so it is not tried again", times_begun=begun, uep=kwargs.get("name"))
+        await self.notify(kwargs, notices.INTERRUPTED, who="(interrupted command)")
 
     async def serve_start(self, cmd: commands.StartCommand, replayed: bool = False) -> None:
         """One start at a time per UEP name; a refusal is logged and sent to the user."""
@@ -223,19 +276,22 @@ class MEP:
         rendered = self.render(cmd, account, mapped)
         env = load_user_environment(self.config.user_environment_path)
         env.setdefault("GLOBUS_COMPUTE_ENDPOINT_NAME", cmd.name)
-        python = cmd.user_runtime.get("python")  # a dict: render() refused anything else
-        if isinstance(python, dict) and isinstance(python.get("version"), str):
-            env.setdefault("GC_USER_PYTHON_VERSION", python["version"])
-        if isinstance(cmd.user_runtime.get("globus_compute_sdk_version"), str):
-            env.setdefault("GC_USER_SDK_VERSION", cmd.user_runtime["globus_compute_sdk_version"])
         enckey = Fernet.generate_key()
         audit = self.audit is not None
-        stdin = stdin_document(amqp_creds=cmd.amqp_creds, config_text=rendered.text, posix_ppid=os.getpid(),
-                               candidates=mapped.candidates, matched_identity=mapped.identity, enckey=enckey,
-                               allowed_functions=self.config.allowed_functions, audit=audit)
         try:
+            for name, value in runtime_environment(cmd).items():
+                env.setdefault(name, value)
+            limits.environment(env, "the user endpoint's environment")
+            stdin = limits.stdin_size(stdin_document(
+                amqp_creds=cmd.amqp_creds, config_text=rendered.text, posix_ppid=os.getpid(),
+                candidates=mapped.candidates, matched_identity=mapped.identity, enckey=enckey,
+                allowed_functions=self.config.allowed_functions, audit=audit),
+                "the rendered user endpoint configuration with its credentials")
             result = await self.helper.spawn(account.pw_name, account.pw_uid, cmd.name, env, stdin,
                                              ("cred", "audit") if audit else ("cred",))
+        except (limits.LimitBroken, InvalidRequest) as e:
+            raise Refusal(notices.start_failed(account.pw_name, str(e)), f"over a limit of the helper protocol: {e}",
+                          user=account.pw_name) from None
         except HelperRefused as e:
             raise Refusal(notices.start_failed(account.pw_name, f"({e.code}) {e.reason}; see your system administrator"),
                           f"helper refused: ({e.code}) {e.reason}", user=account.pw_name) from None
@@ -259,6 +315,11 @@ class MEP:
             raise Refusal("Identity failed to map to a local user name.",
                           f"no rule of {self.idmap.path} maps any identity of the set",
                           identities=[i.get("username") for i in cmd.identity_set])
+        try:
+            limits.username(mapped.username)
+        except limits.LimitBroken as e:
+            raise Refusal(notices.start_failed(mapped.username, f"{e}; see your system administrator"),
+                          f"{mapped.rule} mapped to {mapped.username!r}, a name the helper does not start: {e}") from None
         try:
             account = pwd.getpwnam(mapped.username)
         except KeyError:

@@ -12,6 +12,14 @@ import json
 import aio_pika
 
 GENERIC = "General or unknown failure starting user endpoint"
+INTERRUPTED = (f"{GENERIC}: the endpoint stopped twice while it handled this start request, so it is not tried "
+               "again; submit again, and if it fails the same way contact the endpoint's administrator")
+
+
+def unexpected(reference: str) -> str:
+    """For an error no rule foresaw: the details are in the admin's log under `reference`."""
+    return (f"{GENERIC}: the endpoint could not start your user endpoint; the administrator's log has the details, "
+            f"reference {reference}")
 
 
 def status_report(endpoint_id: str, message: str) -> bytes:

@@ -7,8 +7,13 @@ import closure holds only what the helper itself executes.
 
 from protocol import canonical, messages
 from protocol.errors import ProtocolError
-from protocol.framing import MAX_FRAME
+from protocol.framing import MAX_FRAME, encode_frame
 from protocol.session import Session, hello_mac, request_mac
+
+
+class InvalidRequest(Exception):
+    """A request that breaks the protocol's rules or limits (`str()` names the field and the
+    rule); it was not sent, and the session goes on."""
 
 
 class BrokerSession(Session):
@@ -17,12 +22,13 @@ class BrokerSession(Session):
     def __init__(self, key: bytes, max_frame: int = MAX_FRAME):
         super().__init__(key, max_frame, "await-challenge")
         self.nonce = None
+        self.send_limit = max_frame  # the helper's own frame cap, from its challenge
 
     @classmethod
-    def resume(cls, key: bytes, nonce: str, next_seq: int, buffered: str = "", max_frame: int = MAX_FRAME):
+    def resume(cls, key: bytes, nonce: str, next_seq: int, buffered: str = "", send_limit: int = MAX_FRAME):
         """Continue an authenticated session in a re-exec'd broker (see `export`)."""
-        self = cls(key, max_frame)
-        self.nonce, self.next_seq, self.state = bytes.fromhex(nonce), next_seq, "ready"
+        self = cls(key)
+        self.nonce, self.next_seq, self.state, self.send_limit = bytes.fromhex(nonce), next_seq, "ready", send_limit
         if buffered:
             self.receive_data(bytes.fromhex(buffered))
         return self
@@ -33,7 +39,8 @@ class BrokerSession(Session):
         helper may be writing an `exited` event just then). The caller must have no
         request half-sent and no event left unread."""
         self._expect("ready", "export")
-        return {"nonce": self.nonce.hex(), "next_seq": self.next_seq, "buffered": bytes(self._reader._buf).hex()}
+        return {"nonce": self.nonce.hex(), "next_seq": self.next_seq, "buffered": bytes(self._reader._buf).hex(),
+                "send_limit": self.send_limit}
 
     def hello(self) -> bytes:
         self._expect("challenged", "hello")
@@ -41,19 +48,30 @@ class BrokerSession(Session):
         return self._frame(messages.Hello(messages.VERSION, hello_mac(self._key, self.nonce)))
 
     def send(self, request) -> bytes:
+        """The signed frame of `request`. It is first checked as the helper will check it
+        (the protocol's own decoder and limits, and the helper's frame cap): a request the
+        helper would have to refuse as a protocol violation, fatal to the connection,
+        raises InvalidRequest here instead, and takes no sequence number."""
         self._guard()
         if self.state != "ready" or not getattr(request, "REQUEST", False):
             raise ProtocolError(f"cannot send {type(request).__name__} in state {self.state!r}")
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        mac = request_mac(self._key, self.nonce, canonical.dumps({**messages.to_wire(request), "seq": seq}))
-        return self._frame(request, seq=seq, mac=mac)
+        try:
+            wire = {**messages.to_wire(request), "seq": self.next_seq}
+            unsigned = canonical.dumps(wire)
+            messages.from_wire(canonical.loads(unsigned), envelope=("seq",))
+            mac = request_mac(self._key, self.nonce, unsigned)
+            frame = encode_frame(canonical.dumps({**wire, "mac": mac}), self.send_limit)
+        except ProtocolError as e:
+            raise InvalidRequest(str(e)) from None
+        self.next_seq += 1
+        return frame
 
     def _handle(self, obj):
         msg = messages.from_wire(obj)
         if self.state == "await-challenge":
             if not isinstance(msg, messages.Challenge):
                 raise ProtocolError(f"expected challenge, got {msg.TYPE}")
-            self.nonce = bytes.fromhex(msg.nonce)
+            self.nonce, self.send_limit = bytes.fromhex(msg.nonce), msg.max_frame
             self.state = "challenged"
             return msg
         if self.state != "ready" or not isinstance(msg, messages.HELPER_EVENTS):

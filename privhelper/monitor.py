@@ -17,7 +17,7 @@ import time
 
 from protocol.errors import ProtocolError
 from protocol.session import CLOSED, NEED_DATA, HelperSession
-from protocol.messages import Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned
+from protocol.messages import MAX_REASON, Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned
 from privhelper import child, log
 from privhelper.authorize import Refusal, authorize
 
@@ -36,6 +36,7 @@ class SessionChild:
 class Monitor:
     def __init__(self, conn: socket.socket, policy, key: bytes, broker_pid: int | None = None):
         self.conn, self.policy, self.broker_pid = conn, policy, broker_pid
+        self.broker_status = 0  # launch mode: how the broker ended, which becomes the helper's exit code
         self.session = HelperSession(key, max_frame=policy.max_frame)
         self.children: dict[int, SessionChild] = {}  # by session pid
         self.by_fd: dict[int, SessionChild] = {}  # by status pipe fd
@@ -66,6 +67,8 @@ class Monitor:
             reason, code = f"{type(e).__name__}: {e}", 3
         (log.info if code == 0 else log.error)("ending: %s", reason)
         self.shutdown()
+        if code == 0 and os.WIFEXITED(self.broker_status):  # a broker that could not start: the init system must see it
+            code = os.WEXITSTATUS(self.broker_status)  # (a signal may be our own TERM of a broker on its way out)
         return code
 
     def step(self) -> bool:
@@ -105,14 +108,17 @@ class Monitor:
 
     def refuse(self, req, code, reason, who="-") -> None:
         log.warning("refused req=%s user=%s code=%s: %s", req, who, code, reason)
-        self.send(Refused(req, code, reason))
+        self.send(Refused(req, code, reason[:MAX_REASON]))  # the broker would refuse a longer one
 
 
     def do_signal(self, msg: Signal) -> None:
         target = next((c for c in self.children.values() if c.uep_pid == msg.pid and c.exit_code is None), None)
         if target is None:
             return self.refuse(msg.req, "not-our-child", f"pid {msg.pid} is not a running UEP started by this helper")
-        os.killpg(msg.pid, signal.Signals["SIG" + msg.signal])  # one of protocol's SIGNALS
+        try:
+            os.killpg(msg.pid, signal.Signals["SIG" + msg.signal])  # one of protocol's SIGNALS
+        except ProcessLookupError:  # it exited; its session process has not reported that yet
+            return self.refuse(msg.req, "already-exited", f"UEP {msg.pid} of {target.account.name} has already exited")
         log.info("signal %s to UEP group %d of %s", msg.signal, msg.pid, target.account.name)
         self.send(Signaled(msg.req, msg.pid))
 
@@ -122,10 +128,18 @@ class Monitor:
             account = authorize(msg, self.policy, len(live), lambda uid: sum(c.account.uid == uid for c in live))
         except Refusal as r:
             return self.refuse(msg.req, r.code, r.reason, msg.username)
-        child_fds, broker_fds = self.make_channels(msg)
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        child_fds, broker_fds, status = {}, [], ()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        if (pid := os.fork()) == 0:  # the session process
+        try:  # out of fds, memory or processes: this spawn fails, the others go on
+            make_channels(msg, child_fds, broker_fds)
+            status = status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for fd in [*child_fds.values(), *broker_fds, *status]:
+                os.close(fd)
+            return self.refuse(msg.req, "helper-resources", f"cannot start a session process: {e}", account.name)
+        if pid == 0:  # the session process
             signal.set_wakeup_fd(-1)
             child.reset_signals(unblock=False)  # session_process unblocks once its handlers are set
             for fd in [status_r, self.conn.fileno(), self.wake_r, *broker_fds, *self.by_fd]:
@@ -138,22 +152,6 @@ class Monitor:
         self.children[pid] = self.by_fd[status_r] = SessionChild(pid, msg.req, account, status_r, broker_fds, msg.channels)
         self.poller.register(status_r, select.POLLIN)
         log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
-
-    def make_channels(self, msg: Spawn):
-        """stdin: sealed read-only memfd; cred: memfd, broker writes, UEP reads; audit: packet pipe, the reverse."""
-        stdin = os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.write(stdin, msg.stdin)
-        fcntl.fcntl(stdin, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        child_fds, broker_fds = {"stdin": _child_end(stdin)}, []
-        os.close(stdin)
-        if "cred" in msg.channels:
-            cred = os.memfd_create("mep-cred", os.MFD_CLOEXEC)
-            child_fds["cred"] = _child_end(cred)
-            broker_fds.append(cred)
-        if "audit" in msg.channels:
-            audit_r, child_fds["audit"] = os.pipe2(os.O_CLOEXEC | os.O_DIRECT)  # packets: one record per read
-            broker_fds.append(audit_r)
-        return child_fds, broker_fds
 
 
     def read_status(self, rec: SessionChild) -> None:
@@ -205,7 +203,7 @@ class Monitor:
                 return
             elif pid == self.broker_pid:
                 log.info("broker process %d exited (%s)", pid, _describe(status))
-                self.broker_pid = None
+                self.broker_pid, self.broker_status = None, status
             elif rec := self.children.pop(pid, None):
                 self.finish(rec, status)
 
@@ -237,13 +235,32 @@ class Monitor:
                 child.kill(self.broker_pid, signal.SIGKILL)
                 deadline = float("inf")
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 time.sleep(0.02)
             self.children.pop(pid, None)
-            self.broker_pid = None if pid == self.broker_pid else self.broker_pid
+            if pid == self.broker_pid:
+                self.broker_pid, self.broker_status = None, status
+
+
+def make_channels(msg: Spawn, child_fds: dict, broker_fds: list) -> None:
+    """stdin: sealed read-only memfd; cred: memfd, broker writes, UEP reads; audit: packet pipe, the reverse.
+    Every fd is in `child_fds` or `broker_fds` as soon as it exists, so a failure half-way leaks none."""
+    broker_fds.append(stdin := os.memfd_create("mep-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))  # until closed below
+    if os.write(stdin, msg.stdin) != len(msg.stdin):
+        raise OSError(f"short write of the UEP's stdin ({len(msg.stdin)} bytes)")
+    fcntl.fcntl(stdin, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    child_fds["stdin"] = _child_end(stdin)
+    os.close(broker_fds.pop())
+    if "cred" in msg.channels:
+        broker_fds.append(cred := os.memfd_create("mep-cred", os.MFD_CLOEXEC))
+        child_fds["cred"] = _child_end(cred)
+    if "audit" in msg.channels:
+        audit_r, audit_w = os.pipe2(os.O_CLOEXEC | os.O_DIRECT)  # packets: one record per read
+        broker_fds.append(audit_r)
+        child_fds["audit"] = audit_w
 
 
 def _child_end(fd: int) -> int:

@@ -8,6 +8,7 @@ import re
 import types
 
 from protocol.errors import ProtocolError
+from protocol.framing import MAX_FRAME
 
 VERSION = 1
 
@@ -46,13 +47,13 @@ class Str:
     def check(self, name, value):
         if type(value) is not str:
             raise ProtocolError(f"{name}: expected a string, got {type(value).__name__}")
-        problem = (f"longer than {self.max_len} characters" if len(value) > self.max_len else
+        problem = (f"is longer than {self.max_len} characters" if len(value) > self.max_len else
                    "contains NUL" if "\x00" in value else
                    f"{value[:80]!r} does not match {self.regex.pattern}" if self.regex and not self.regex.fullmatch(value) else
                    f"{value[:80]!r} is not one of {sorted(self.choices)}" if self.choices and value not in self.choices else
                    "contains '..'" if self.no_dotdot and ".." in value else None)
-        if problem:
-            raise ProtocolError(f"{name}: {problem}")
+        if problem:  # a sentence after the field's name: the broker shows it to the user as it is
+            raise ProtocolError(f"{name} {problem}")
         return value
 
 
@@ -61,9 +62,15 @@ class Env:
         if type(value) is not dict or len(value) > MAX_ENV_VARS:
             raise ProtocolError(f"{name}: expected an object of at most {MAX_ENV_VARS} variables")
         for k, v in value.items():
-            Str(ENV_NAME_RE, 64).check(f"{name} key", k)
-            Str(None, MAX_ENV_VALUE).check(f"{name}[{k}]", v)
+            ENV_NAME.check(f"{name} key", k)
+            ENV_VALUE.check(f"{name}[{k}]", v)
         return types.MappingProxyType(dict(value))
+
+
+# the fields whose values come from users and the admin's files: the broker checks them
+# with these same objects where each value enters (broker/limits.py)
+USERNAME = Str(USERNAME_RE, 32, no_dotdot=True)
+ENV_NAME, ENV_VALUE = Str(ENV_NAME_RE, 64), Str(None, MAX_ENV_VALUE)
 
 
 class Channels:
@@ -85,6 +92,8 @@ class Base64:
             raise ProtocolError(f"{name}: not valid base64") from None
         if base64.b64encode(raw).decode("ascii") != value:
             raise ProtocolError(f"{name}: base64 is not canonical")
+        if len(raw) > self.max_bytes:  # the text's cap above lets up to 2 bytes more through
+            raise ProtocolError(f"{name} is {len(raw)} bytes, more than {self.max_bytes}")
         return raw
 
 
@@ -131,10 +140,11 @@ def from_wire(obj, envelope=()) -> object:
 
 
 REQ, PID = Str(REQ_ID_RE, 64), Int(1, MAX_PID)
-Challenge = message("challenge", version=Int(VERSION, VERSION), nonce=Str(HEX64_RE, 64))
+Challenge = message("challenge", version=Int(VERSION, VERSION), nonce=Str(HEX64_RE, 64), max_frame=Int(1, MAX_FRAME),
+                    doc="`max_frame`: the policy's frame cap, so that the broker never sends a frame the helper must refuse.")
 Hello = message("hello", version=Int(VERSION, VERSION), mac=Str(HEX64_RE, 64))
 # requests, broker -> helper; on the wire each also carries seq and mac
-Spawn = message("spawn", request=True, req=REQ, username=Str(USERNAME_RE, 32, no_dotdot=True), uid=Int(0, (1 << 32) - 1),
+Spawn = message("spawn", request=True, req=REQ, username=USERNAME, uid=Int(0, (1 << 32) - 1),
                 name=Str(UEP_NAME_RE, 128, no_dotdot=True), env=Env(), stdin=Base64(MAX_STDIN), channels=Channels())
 Signal = message("signal", request=True, req=REQ, pid=PID, signal=Str(choices=SIGNALS))
 Ping = message("ping", request=True, req=REQ)

@@ -92,7 +92,7 @@ class HelperSession(Session):
     def challenge(self) -> bytes:
         self._expect("start", "challenge")
         self.state = "await-hello"
-        return self._frame(messages.Challenge(messages.VERSION, self.nonce.hex()))
+        return self._frame(messages.Challenge(messages.VERSION, self.nonce.hex(), self._max_frame))
 
     def send(self, event) -> bytes:
         self._guard()
