@@ -20,6 +20,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from protocol.messages import MAX_ENV_VALUE
 from tests import rig
 from tests.mep_rig import identity, wait_for
 
@@ -55,6 +56,12 @@ changes = st.one_of(
     st.tuples(st.just("more identities"), st.lists(usernames, min_size=1, max_size=3)),
     st.tuples(st.just("no identities")),
     st.tuples(st.just("name"), st.sampled_from(["a", "-x", "x/y", "..", "a" * 129, "ok.name", "A-1_b"])),
+    # values at, just under and just over the helper's limits (broker/limits.py checks them where they enter)
+    st.tuples(st.just("runtime at the cap"), st.sampled_from(["sdk", "python"]),
+              st.sampled_from([MAX_ENV_VALUE - 1, MAX_ENV_VALUE, MAX_ENV_VALUE + 1, 5000]),
+              st.sampled_from(["x", "\x00", "\ud800", "\x01", "é"])),
+    st.tuples(st.just("nested"), st.sampled_from([99, 100, 101, 150, 10_000])),
+    st.tuples(st.just("big option"), st.sampled_from([100_000, 500_000, 524_289, 600_000])),
 )
 commands = st.fixed_dictionaries({
     "user": usernames,
@@ -84,9 +91,20 @@ def build(mep, drawn) -> tuple[bytes, dict]:
             body["globus_identity_set"] += [identity(u) for u in args[0]]
         elif kind == "no identities":
             body["globus_identity_set"] = []
+        elif kind == "runtime at the cap" and isinstance(body.get("kwargs"), dict):
+            which, length, char = args
+            value = (char * length)[:length]
+            body["kwargs"]["user_runtime"] = ({"globus_compute_sdk_version": value} if which == "sdk"
+                                              else {"python": {"version": value}})
+        elif kind == "big option" and isinstance(body.get("kwargs"), dict):
+            body["kwargs"]["user_opts"] = {"worker_init": "w" * args[0]}
     publish = {}
     wire = drawn["wire"]
     raw = json.dumps(body).encode()
+    for kind, *args in drawn["changes"]:
+        if kind == "nested":  # lists in user_opts that make the body nest args[0] levels deep in all
+            levels = args[0] - 3  # the body, kwargs, user_opts
+            raw = raw.replace(b'"user_opts": {}', b'"user_opts": {"deep": ' + b"[" * levels + b"]" * levels + b"}", 1)
     if wire == "text/plain":
         publish["content_type"] = "text/plain"
     elif wire == "not json":
@@ -108,8 +126,10 @@ def test_random_start_commands_against_a_live_broker(live, accounts):
     a = accounts
     # UEPs outlive the test: one that exited would replay a cached start, a second outcome
     mep = live(policy={"allow_users": list(ALLOWED), "deny_users": [a.denied.pw_name],
-                       "deny_groups": ["mept-denygrp"], "max_children_per_user": 8},
+                       "deny_groups": ["mept-denygrp"], "max_children_per_user": 40},
                environment={"PROBE_ACTION": json.dumps({"sleep": 900})})
+    mep.publish(mep.command("mept-bob@example.org"))  # the bystander: another user's UEP, there throughout
+    [bystander] = wait_for(lambda: list(mep.reports_now()), what="the bystander's UEP")
     broker = mep.broker_pid()
     published = []
 
@@ -124,11 +144,13 @@ def test_random_start_commands_against_a_live_broker(live, accounts):
                  what=f"an outcome for {raw[:300]!r}")
         assert mep.proc.poll() is None, mep.output()[-3000:]
         assert len(outcome_lines(mep)) == before + 1, outcome_lines(mep)[before:]
+        assert rig.alive(bystander), f"the bystander's UEP is gone after {raw[:300]!r}"
 
     one_command()
     time.sleep(1)  # a late second outcome for some command would show now
     log = mep.output()
-    assert len(outcome_lines(mep)) == len(published)
+    assert len(outcome_lines(mep)) == len(published) + 1  # and the bystander's
+    assert rig.alive(bystander) and bystander in mep.reports_now()
     seen = {o: sum(o in line for line in outcome_lines(mep)) for o in OUTCOMES}
     print(seen)
     # every stage was reached: parsing refused some, mapping, templates or the helper others

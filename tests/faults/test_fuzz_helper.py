@@ -37,7 +37,7 @@ from broker.session import BrokerSession
 from protocol import canonical
 from protocol.framing import FrameReader, encode_frame
 from protocol.errors import ProtocolError
-from protocol.messages import Ping, Signal, Spawn, from_wire, to_wire
+from protocol.messages import MAX_ENV_VALUE, MAX_ENV_VARS, MAX_PID, MAX_STDIN, Ping, Signal, Spawn, from_wire, to_wire
 from protocol.session import request_mac
 from tests import rig
 
@@ -100,7 +100,7 @@ class ForkServer:
             session.next_event()
             for chunk in script(session):
                 ours.sendall(chunk)
-            while sum(r.get("type") in ("spawned", "refused") for r in replies) < answers:
+            while sum(r.get("type") in ("spawned", "refused", "signaled", "pong") for r in replies) < answers:
                 if not self._receive(ours, reader, replies):
                     break
             ours.shutdown(socket.SHUT_WR)
@@ -165,13 +165,20 @@ def candidate_accounts(accounts) -> list:
 
 def random_request(rng: random.Random, who: list, seq_req: str):
     kind = rng.random()
+    if kind < 0.01:  # every field at, or one under, its limit: valid, so never fatal
+        username, uid = rng.choice(who)
+        env = {f"V{i:02d}{'_' * 59}"[:64]: "v" * rng.choice([MAX_ENV_VALUE - 1, MAX_ENV_VALUE])
+               for i in range(rng.choice([MAX_ENV_VARS - 1, MAX_ENV_VARS]))}
+        return Spawn(seq_req, username, uid, "n" * rng.choice([127, 128]), env,
+                     rng.randbytes(rng.choice([MAX_STDIN - 1, MAX_STDIN])), ())
     if kind < 0.6:
         username, uid = rng.choice(who)
         env = {rng.choice(DENIED_ENV + ["FOO", "GC_X", "LANG"]): "x" for _ in range(rng.randrange(3))}
         return Spawn(seq_req, username, uid, secrets.token_hex(6), env, rng.randbytes(rng.randrange(40)),
                      rng.choice([(), ("cred",), ("audit",), ("cred", "audit")]))
     if kind < 0.85:
-        return Signal(seq_req, rng.randrange(1, 1 << 22), rng.choice(["TERM", "INT", "KILL", "HUP"]))
+        return Signal(seq_req, rng.choice([rng.randrange(1, MAX_PID + 1), 1, MAX_PID]),
+                      rng.choice(["TERM", "INT", "KILL", "HUP"]))
     return Ping(seq_req)
 
 
@@ -271,6 +278,24 @@ def make_case(rng: random.Random, who: list, allowed: dict, sent: dict):
     return script
 
 
+def bystander_case(rng: random.Random, who: list, accounts, sent: dict):
+    """Valid requests only, many at the caps, after a bystander UEP (alice, sleeping): the
+    helper answers each, and the bystander must still run when the connection ends."""
+    count = rng.randrange(1, 6)
+
+    def script(session: BrokerSession):
+        bystander = Spawn(f"r{session.next_seq}", accounts.alice.pw_name, accounts.alice.pw_uid, "bystander", {},
+                          json.dumps({"sleep": 30}).encode(), ())
+        sent[bystander.req] = bystander
+        chunks = [session.hello(), session.send(bystander)]
+        for _ in range(count):
+            req = random_request(rng, who, f"r{session.next_seq}")
+            sent[req.req] = req
+            chunks.append(session.send(req))
+        return chunks
+    return script, count + 1
+
+
 def test_ten_thousand_random_and_mutated_frames(fuzz, accounts):
     server, allowed = fuzz
     seed = int(os.environ.get("MEP_FUZZ_SEED") or secrets.randbits(32))
@@ -278,8 +303,21 @@ def test_ten_thousand_random_and_mutated_frames(fuzz, accounts):
     rng, who = random.Random(seed), candidate_accounts(accounts)
     codes, refusals, forked, problems = collections.Counter(), collections.Counter(), 0, []
     t0 = time.monotonic()
+    bystanders = 0
     for i in range(FRAMES):
         sent = {}
+        if i % 50 == 25:  # the bystander's oracle: valid requests, at the caps too, never end its UEP
+            script, answers = bystander_case(rng, who, accounts, sent)
+            outcome = server.case(script, answers=answers)
+            [spawned] = [r for r in outcome.replies if r.get("req") == "r1"]
+            answered = {r.get("req") for r in outcome.replies if r.get("type") in ("spawned", "refused", "signaled", "pong")}
+            if outcome.code != 0 or spawned["type"] != "spawned" or answered != set(sent) or any(
+                    r.get("type") == "exited" and r.get("pid") == spawned.get("pid") for r in outcome.replies):
+                problems.append((i, ["the bystander case", outcome.code, spawned, sorted(set(sent) - answered)],
+                                 outcome.log[-2000:]))
+            bystanders += 1
+            codes[outcome.code] += 1
+            continue
         outcome = server.case(make_case(rng, who, allowed, sent), whole_helper=i % 20 == 0)
         codes[outcome.code] += 1
         refusals.update(r["code"] for r in outcome.replies if r.get("type") == "refused")
@@ -298,7 +336,7 @@ def test_ten_thousand_random_and_mutated_frames(fuzz, accounts):
     assert codes[2] > FRAMES // 2 and codes[0] > 0
     assert {"unknown-user", "uid-mismatch", "uid-zero", "uid-below-min", "denied-user", "denied-group",
             "no-round-trip", "env-denied", "not-our-child", "uid-reserved"} <= set(refusals), refusals
-    assert forked > 0
+    assert forked > 0 and bystanders == FRAMES // 50
 
 
 # -- signed, well-formed spawn requests (hypothesis) ---------------------------------------
