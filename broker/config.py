@@ -131,6 +131,10 @@ def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
                 "compute_service_token_file"):
         if values.get(key) is not None:
             values[key] = conf_dir / pathlib.Path(values[key]).expanduser()  # relative paths: to the config dir
+    for key in ("user_config_template_path", "user_config_schema_path"):  # named, they must exist, as upstream says
+        if raw.get(key) and not values[key].exists():
+            raise ConfigError(f"{path}: {key} names {values[key]}, which does not exist (a schema that is named but "
+                              "missing would turn validation off unseen); create it, or remove the key")
     return MEPConfig(conf_dir=conf_dir, **values)
 
 

@@ -16,10 +16,12 @@ import json
 import os
 import pathlib
 import pwd
+import re
 import secrets
 import stat
 import subprocess
 import sys
+import uuid
 
 from broker import seed
 
@@ -60,13 +62,29 @@ def check_reachable(path: pathlib.Path, broker: pwd.struct_passwd) -> None:
                              "`--config-root /etc/globus-compute`")
 
 
+def endpoint_name_problem(name: str) -> str | None:
+    """Upstream's rule (Endpoint.validate_endpoint_name: the name goes into Parsl's shell
+    commands), and not a UUID, which `start` would take for an endpoint id."""
+    if not name:
+        return "received no endpoint name"
+    if len(name) > 128:
+        return f"must be less than 129 characters (length: {len(name)})"
+    if re.search(r"[\\/\s'\"]", name) or name.startswith(".") or name == "..":
+        return "no whitespace (spaces, newlines, tabs), slashes, quotes or backslashes, nor a leading '.'"
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return None
+    return "it looks like an endpoint id (a UUID); choose a name"
+
+
 def configure(name: str, root: pathlib.Path, *, display_name=None, broker_user=DEFAULT_BROKER, pam=False,
               pam_service="globus-compute-endpoint", high_assurance=False, subscription_id=None, auth_policy=None,
               audit_log_path=None, allowed_functions=(), uep_executable=DEFAULT_UEP, say=print) -> pathlib.Path:
     if os.geteuid() != 0:
         raise ConfigureError("must run as root: the helper policy and key must be root-owned")
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigureError(f"{name!r} is not a valid endpoint name")
+    if problem := endpoint_name_problem(name):
+        raise ConfigureError(f"Invalid endpoint name {name!r}: {problem}")
     conf_dir = root.expanduser().resolve() / name
     if conf_dir.exists():
         reg = conf_dir / "registration.json"

@@ -55,12 +55,20 @@ def load(path: pathlib.Path, endpoint_id: str) -> list:
     return [(str(d.get("DATA_TYPE")), m) for d, m in zip(documents, mappers)]
 
 
-def map_identity_set(mappers: list, identity_set: list) -> Mapped | None:
-    """The first mapping, in upstream's order; None if nothing maps. Mapper errors
-    propagate: the caller tells the user the mapping failed, not that it found nobody."""
+def map_identity_set(mappers: list, identity_set: list, warn=None) -> Mapped | None:
+    """The first mapping, in upstream's order; None if nothing maps. A mapper that fails
+    (an external program that exits non-zero, such as the seed's /bin/false example) is
+    skipped with a warning naming it, and the next one is tried, as upstream does."""
     candidates, found = [], None
     for m_index, (kind, mapper) in enumerate(mappers, start=1):
-        per_rule = mapper.map_identities(identity_set)  # one dict per rule: {identity id: [usernames]}
+        try:
+            per_rule = mapper.map_identities(identity_set)  # one dict per rule: {identity id: [usernames]}
+        except Exception as e:  # noqa: BLE001 - the library's and the program's own errors alike
+            if warn is not None:
+                warn("identity mapper failed; trying the next one", mapper=f"mapper {m_index} of {len(mappers)} ({kind})",
+                     error=f"({type(e).__name__}) {e}")
+            candidates.append([])
+            continue
         candidates.append([r for r in per_rule if r])
         for r_index, result in enumerate(per_rule, start=1):
             for identity, usernames in result.items():
@@ -85,7 +93,7 @@ class IdentityMapper:
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
 
     def map(self, identity_set: list) -> Mapped | None:
-        return map_identity_set(self.mappers, identity_set)
+        return map_identity_set(self.mappers, identity_set, warn=self.log.warning)
 
     def reload_if_changed(self) -> bool:
         """Reload when the file changed; True if a new mapping is now in use."""

@@ -69,7 +69,21 @@ def read_setup(args, log, register: bool = True, config: MEPConfig | None = None
 SETUP_ERRORS = (ConfigError, MappingConfigError, registration_mod.RegistrationError, OSError, ValueError, KeyError)
 
 
-def reload_problem(args, running: Setup, log) -> str | None:
+def pam_problem(config: MEPConfig, helper_pam: str) -> str | None:
+    """config.yaml's `pam:` (the seed's) against the root helper's policy, which decides.
+    They must agree: a PAM setting that silently does nothing is worse than a refusal."""
+    want = config.pam.service_name if config.pam.enable else ""
+    if want == helper_pam:
+        return None
+    def said(service):
+        return f"PAM on with service {service!r}" if service else "PAM off"
+    return (f"{config.conf_dir / 'config.yaml'} says {said(want)} (pam: enable, service_name), but the root helper's "
+            f"policy says {said(helper_pam)} ([pam] enabled and service in {config.conf_dir / 'helper-policy.toml'}, "
+            "or in the file given to `mepctl start --policy`); the policy decides what runs: edit one of the two "
+            "files so that they agree, then start again")
+
+
+def reload_problem(args, running: Setup, log, helper_pam: str) -> str | None:
     """Why the configuration on disk cannot replace the running one, or None."""
     try:
         new = read_setup(args, log, register=False)
@@ -81,7 +95,7 @@ def reload_problem(args, running: Setup, log) -> str | None:
         return "the endpoint id changed; stop the MEP and start it again"
     if new.key != running.key:
         return "the helper key changed; the helper still holds the old one: restart the MEP"
-    return None
+    return pam_problem(new.config, helper_pam)
 
 
 def connect_helper(args, setup: Setup, state: dict | None):
@@ -140,6 +154,12 @@ async def run(args) -> int:
             return EX_CONFIG
     helper = connect_helper(args, setup, state)
     await helper.ready
+    if problem := pam_problem(setup.config, helper.session.helper_pam):
+        log.error("cannot start", error=problem)
+        if not args.log_to_console:
+            print(f"mep-broker: cannot start: {problem}", file=sys.stderr)
+        helper.close()
+        return EX_CONFIG
     mep = MEP(setup.config, setup.registration, helper, setup.idmap, log, audit)
     if state is not None:
         restore(mep, state)  # before the loop runs again: an `exited` may be waiting
@@ -156,7 +176,7 @@ class Broker:
     def request_reload(self, by: str) -> str | None:
         """Check the configuration on disk; if it is usable, have serve() return for a
         re-exec. Returns why not, if not."""
-        problem = reload_problem(self.args, self.setup, self.log)
+        problem = reload_problem(self.args, self.setup, self.log, self.mep.helper.session.helper_pam)
         if problem:
             self.log.error("reload refused; the running configuration stays", requested_by=by, reason=problem)
         else:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import pwd
 import time
 import uuid
 
 import aio_pika
+import attrs
 import aiormq.exceptions
 import yaml
 from cryptography.fernet import Fernet
@@ -302,8 +304,9 @@ class MEP:
         if uep.audit_pipe is not None:
             self.audit.watch(uep.audit_pipe, uep)
         self.uep.add(uep)
-        self.log.info("user endpoint started", pid=uep.pid, user=uep.username, uid=uep.uid, rule=mapped.rule,
-                      **cmd.for_log())
+        self.log.info(f"user endpoint started: Command process successfully forked for '{uep.username}' (Globus "
+                      f"effective identity: {cmd.effective_identity}).", pid=uep.pid, user=uep.username, uid=uep.uid,
+                      rule=mapped.rule, **cmd.for_log())
 
     async def map_account(self, cmd):
         try:  # an external mapper runs a program: keep it off the event loop
@@ -338,8 +341,9 @@ class MEP:
                               "gecos": account.pw_gecos, "shell": account.pw_shell, "dir": account.pw_dir,
                               "groups": groups},
                     "globus": {"id": mapped.identity}}
-        parent = {"display_name": self.config.display_name, "high_assurance": self.config.high_assurance,
-                  "debug": self.config.debug, "multi_user": True}
+        # the whole MEP config, as upstream gives its templates (`parent_config.amqp_port`, ...)
+        parent = {k: str(v) if isinstance(v, pathlib.PurePath) else v
+                  for k, v in attrs.asdict(self.config, recurse=True).items()} | {"multi_user": True}
         try:
             rendered = templates.render(self.config.user_config_template_path, self.config.user_config_schema_path,
                                         user_opts=cmd.user_opts, user_runtime=cmd.user_runtime,
@@ -364,8 +368,11 @@ class MEP:
         uep.close_cred()
         if self.audit is not None and uep.audit_pipe is not None:
             self.audit.drain(uep.audit_pipe)
-        self.log.info("user endpoint exited", pid=pid, status=status, user=uep.username, uep=uep.name,
-                      uptime_s=round(uep.uptime(), 1))
+        how = ("Command stopped normally" if status == 0 else f"Command return code: {status}" if status > 0
+               else f"Command terminated by signal: {-status}")  # upstream's words
+        (self.log.info if status == 0 else self.log.warning)(
+            f"user endpoint exited: {how} ({pid}) [{uep.name}]", pid=pid, status=status, user=uep.username,
+            uep=uep.name, uptime_s=round(uep.uptime(), 1))
         if uep.replay is not None and not self.stopping.is_set():
             self.log.info("replaying the start that arrived while it was running", uep=uep.name)
             self._spawn_task(self.serve_start(uep.replay, replayed=True))

@@ -32,18 +32,23 @@ subscription_id: {subscription_id}
 IDMAP_EXAMPLE = """\
 [
   {
-    "comment": "Maps jessica@example.com to the local account jessica. For more examples, see https://docs.globus.org/globus-connect-server/v5.4/identity-mapping-guide/",
+    "comment": "For more examples, see: https://docs.globus.org/globus-connect-server/v5.4/identity-mapping-guide/",
+    "DATA_TYPE": "external_identity_mapping#1.0.0",
+    "command": ["/bin/false", "--some", "flag", "-a", "-b", "-c"]
+  },
+  {
+    "comment": "For more examples, see: https://docs.globus.org/globus-connect-server/v5.4/identity-mapping-guide/",
     "DATA_TYPE": "expression_identity_mapping#1.0.0",
     "mappings": [
       {
         "source": "{username}",
-        "match": "(.*)@example\\\\.com",
+        "match": "(.*)@example.com",
         "output": "{0}"
       }
     ]
   }
 ]
-"""
+"""  # the seed's own example, as upstream writes it: the failing external mapper is skipped
 
 USER_CONFIG_TEMPLATE = """\
 {#-

@@ -23,12 +23,15 @@ class BrokerSession(Session):
         super().__init__(key, max_frame, "await-challenge")
         self.nonce = None
         self.send_limit = max_frame  # the helper's own frame cap, from its challenge
+        self.helper_pam = ""  # the helper policy's PAM service ("" = off), from its challenge
 
     @classmethod
-    def resume(cls, key: bytes, nonce: str, next_seq: int, buffered: str = "", send_limit: int = MAX_FRAME):
+    def resume(cls, key: bytes, nonce: str, next_seq: int, buffered: str = "", send_limit: int = MAX_FRAME,
+               helper_pam: str = ""):
         """Continue an authenticated session in a re-exec'd broker (see `export`)."""
         self = cls(key)
-        self.nonce, self.next_seq, self.state, self.send_limit = bytes.fromhex(nonce), next_seq, "ready", send_limit
+        self.nonce, self.next_seq, self.state = bytes.fromhex(nonce), next_seq, "ready"
+        self.send_limit, self.helper_pam = send_limit, helper_pam
         if buffered:
             self.receive_data(bytes.fromhex(buffered))
         return self
@@ -40,7 +43,7 @@ class BrokerSession(Session):
         request half-sent and no event left unread."""
         self._expect("ready", "export")
         return {"nonce": self.nonce.hex(), "next_seq": self.next_seq, "buffered": bytes(self._reader._buf).hex(),
-                "send_limit": self.send_limit}
+                "send_limit": self.send_limit, "helper_pam": self.helper_pam}
 
     def hello(self) -> bytes:
         self._expect("challenged", "hello")
@@ -71,7 +74,7 @@ class BrokerSession(Session):
         if self.state == "await-challenge":
             if not isinstance(msg, messages.Challenge):
                 raise ProtocolError(f"expected challenge, got {msg.TYPE}")
-            self.nonce, self.send_limit = bytes.fromhex(msg.nonce), msg.max_frame
+            self.nonce, self.send_limit, self.helper_pam = bytes.fromhex(msg.nonce), msg.max_frame, msg.pam
             self.state = "challenged"
             return msg
         if self.state != "ready" or not isinstance(msg, messages.HELPER_EVENTS):

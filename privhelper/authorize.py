@@ -60,7 +60,8 @@ def authorize(req, policy, total_children: int, children_of) -> Account:
             raise Refusal("not-allowed", f"{req.username!r} is in neither policy allow_users nor allow_groups")
     for name in req.env:
         if policy.env_denied(name) or name in FIXED_ENV:
-            raise Refusal("env-denied", f"environment variable {name!r} may not be set for a UEP (helper env deny-list)")
+            raise Refusal("env-denied", f"environment variable {name!r} may not be set for a UEP (helper env deny-list; "
+                          "the administrator may allow it by name with env_allow in the helper policy)")
     if (running := children_of(uid)) >= policy.max_children_per_user:
         raise Refusal("limit-user", f"{req.username!r} has {running} UEPs running, the limit is {policy.max_children_per_user} (policy max_children_per_user)")
     return account

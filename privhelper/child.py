@@ -47,10 +47,13 @@ def place_fds(plan: dict, err_w: int) -> None:
             os.close(fd)
 
 
-def drop_privileges(uid: int, gid: int, groups: tuple, no_new_privs: bool) -> None:
-    """Become uid/gid with exactly `groups` and no capabilities; verify every bit of it."""
+def drop_privileges(uid: int, gid: int, groups: tuple, no_new_privs: bool, keep_bounding: bool = False) -> None:
+    """Become uid/gid with exactly `groups` and no capabilities; verify every bit of it.
+    `keep_bounding` (PAM on, NO_NEW_PRIVS off, the policy's keep_bounding_set): a setuid
+    program the site relies on gets the capabilities it would get from a login shell."""
     linux.prctl(linux.PR_SET_KEEPCAPS, 0)
-    linux.drop_bounding_set()  # needs CAP_SETPCAP, so before the uid change
+    if not keep_bounding:
+        linux.drop_bounding_set()  # needs CAP_SETPCAP, so before the uid change
     linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
     os.setresgid(gid, gid, gid)
     os.setgroups(groups)  # exactly what authorize() checked (docs/decisions.md)
@@ -64,7 +67,7 @@ def drop_privileges(uid: int, gid: int, groups: tuple, no_new_privs: bool) -> No
         os.setuid(0)
         raise Refusal("setup-failed", "setuid(0) succeeded after the drop")
     status = linux.proc_status()
-    if left := {k: status[k] for k in _CAP_KEYS if int(status[k], 16)}:
+    if left := {k: status[k] for k in _CAP_KEYS if int(status[k], 16) and not (keep_bounding and k == "CapBnd")}:
         raise Refusal("setup-failed", f"capabilities left after the drop: {left}")
     if no_new_privs:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
@@ -80,7 +83,7 @@ def follow_parent(parent_pid: int, sig: int) -> None:
         os._exit(1)
 
 
-def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
+def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid, keep_bounding=False):
     """In the forked UEP (or broker) child. Never returns; a failure is written, as
     "CODE reason", to the error pipe before _exit."""
     err_fd, step = err_w, "setsid"
@@ -91,7 +94,7 @@ def exec_child(*, account, argv, env, plan, err_w, no_new_privs, parent_pid):
         step = "fds"
         place_fds(plan, err_w)
         err_fd, step = ERR_FD, "privilege drop"
-        drop_privileges(account.uid, account.gid, account.groups, no_new_privs)
+        drop_privileges(account.uid, account.gid, account.groups, no_new_privs, keep_bounding)
         step = "parent-death signal"
         follow_parent(parent_pid, signal.SIGKILL)
         try:
@@ -135,6 +138,7 @@ def session_process(*, account, req, policy, child_fds, status_w, helper_pid) ->
     """Body of the per-UEP session process (root). Never returns."""
     code = 1
     try:
+        os.setpgid(0, 0)  # out of the terminal's foreground group: Ctrl+C is for the helper, which asks the broker
         follow_parent(helper_pid, signal.SIGTERM)
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what the UEP orphans comes to us, not to init
         for sig in _STOPS:
@@ -164,8 +168,9 @@ def _run_session(account, req, policy, child_fds, status_w) -> int:
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         plan = {0: child_fds["stdin"], 1: devnull, 2: devnull, **{CHANNEL_FDS[c]: child_fds[c] for c in req.channels}}
         argv = tuple(req.name if a == "{name}" else a for a in policy.uep_argv)
+        no_new_privs = policy.pam.no_new_privs or not policy.pam.enabled
         pid, failure = fork_exec(account, argv, build_env(account, policy, pam_env, dict(req.env)), plan,
-                                 no_new_privs=policy.pam.no_new_privs or not policy.pam.enabled)
+                                 no_new_privs=no_new_privs, keep_bounding=not no_new_privs and policy.pam.keep_bounding_set)
         for fd in set(plan.values()):
             os.close(fd)
         if failure:
@@ -187,7 +192,7 @@ def _run_session(account, req, policy, child_fds, status_w) -> int:
                 log.error("closing the PAM session of %s: %s", account.name, e)
 
 
-def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
+def fork_exec(account, argv, env, plan, no_new_privs, keep_bounding=False) -> tuple:
     """Fork, drop to `account`, exec. Returns (pid, None), or (pid, "CODE reason") with the child reaped."""
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     me = os.getpid()
@@ -195,7 +200,8 @@ def fork_exec(account, argv, env, plan, no_new_privs) -> tuple:
     # an at-fork hook ("Exception ignored") or leave the UEP's pid unknown
     _signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     if (pid := os.fork()) == 0:
-        exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=no_new_privs, parent_pid=me)
+        exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=no_new_privs, parent_pid=me,
+                   keep_bounding=keep_bounding)
     os.close(err_w)
     with os.fdopen(err_r, "rb") as f:
         if failure := f.read():

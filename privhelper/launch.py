@@ -3,6 +3,7 @@ the broker account (no caps, NO_NEW_PRIVS, PDEATHSIG) with its socket end as fd 
 
 import os
 import pwd
+import signal
 import socket
 
 from privhelper import child
@@ -24,8 +25,10 @@ def start_broker(policy) -> tuple:
     if "TERM" in os.environ:  # for the broker's foreground timer line on a TTY
         extra["TERM"] = os.environ["TERM"]
     devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # fork_exec holds the stops; the helper must get them back
     pid, failure = child.fork_exec(account, policy.broker_argv, child.build_env(account, policy, {}, extra),
                                    {0: devnull, 1: 1, 2: 2, BROKER_FD: theirs.fileno()}, no_new_privs=True)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     theirs.close()
     os.close(devnull)
     if failure:

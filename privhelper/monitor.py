@@ -21,6 +21,9 @@ from protocol.messages import MAX_REASON, Exited, Hello, Ping, Pong, Refused, Si
 from privhelper import child, log
 from privhelper.authorize import Refusal, authorize
 
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
 class Fatal(Exception):
     pass
 
@@ -28,8 +31,8 @@ class Fatal(Exception):
 class SessionChild:
     """The helper's record of one session process and the UEP it starts."""
 
-    def __init__(self, pid: int, req: str, account, status_fd: int, broker_fds: list, channels: tuple):
-        self.pid, self.req, self.account, self.status_fd, self.broker_fds = pid, req, account, status_fd, broker_fds
+    def __init__(self, pid: int, req: str, name: str, account, status_fd: int, broker_fds: list, channels: tuple):
+        self.pid, self.req, self.name, self.account, self.status_fd, self.broker_fds = pid, req, name, account, status_fd, broker_fds
         self.channels, self.buf, self.uep_pid, self.answered, self.exit_code = channels, b"", None, False, None
 
 
@@ -37,7 +40,8 @@ class Monitor:
     def __init__(self, conn: socket.socket, policy, key: bytes, broker_pid: int | None = None):
         self.conn, self.policy, self.broker_pid = conn, policy, broker_pid
         self.broker_status = 0  # launch mode: how the broker ended, which becomes the helper's exit code
-        self.session = HelperSession(key, max_frame=policy.max_frame)
+        self.stopping = False  # launch mode: a stop signal was passed on to the broker
+        self.session = HelperSession(key, max_frame=policy.max_frame, pam=policy.pam.service if policy.pam.enabled else "")
         self.children: dict[int, SessionChild] = {}  # by session pid
         self.by_fd: dict[int, SessionChild] = {}  # by status pipe fd
         self.poller, self.deadline = select.poll(), None
@@ -47,7 +51,7 @@ class Monitor:
     def run(self) -> int:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGCHLD, *_STOPS, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the news
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.conn.settimeout(self.policy.io_timeout_seconds)  # bounds sends to a stuck broker
@@ -149,7 +153,7 @@ class Monitor:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for fd in [status_w, *child_fds.values()]:
             os.close(fd)
-        self.children[pid] = self.by_fd[status_r] = SessionChild(pid, msg.req, account, status_r, broker_fds, msg.channels)
+        self.children[pid] = self.by_fd[status_r] = SessionChild(pid, msg.req, msg.name, account, status_r, broker_fds, msg.channels)
         self.poller.register(status_r, select.POLLIN)
         log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
 
@@ -171,7 +175,8 @@ class Monitor:
         word, _, rest = line.partition(" ")
         if word == "ok" and not rec.answered:
             rec.uep_pid, rec.answered = int(rest), True
-            log.info("spawned req=%s user=%s uid=%d pid=%d", rec.req, rec.account.name, rec.account.uid, rec.uep_pid)
+            log.info("spawned req=%s user=%s uid=%d pid=%d argv=%s", rec.req, rec.account.name, rec.account.uid, rec.uep_pid,
+                     [rec.name if a == "{name}" else a for a in self.policy.uep_argv])
             self.send(Spawned(rec.req, rec.uep_pid, rec.channels), rec.broker_fds)
             self._close_broker_fds(rec)
         elif word == "refused" and not rec.answered:
@@ -190,9 +195,21 @@ class Monitor:
         rec.broker_fds = []
 
     def read_signals(self) -> None:
+        """Served alone (socket activation), a stop or a HUP ends the helper. In launch mode
+        the administrator sees this pid as the MEP's (the seed: Ctrl+C, Ctrl+\\, SIGTERM stop
+        it, SIGHUP hot-restarts it), so the broker is asked to do it: TERM for a clean stop
+        (notices, each UEP's grace, the audit sentinel), HUP for a re-exec that keeps every
+        UEP. A second stop while the broker stops is the administrator insisting: fatal."""
         signums = os.read(self.wake_r, 256)
-        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) for s in signums):
-            raise Fatal("stop signal received")
+        for signum in signums:
+            if signum not in (*_STOPS, signal.SIGHUP):
+                continue
+            if self.broker_pid is None or (signum in _STOPS and self.stopping):
+                raise Fatal(f"{signal.Signals(signum).name} received")
+            self.stopping = self.stopping or signum in _STOPS
+            forward = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
+            log.info("%s received: %s to the broker (%d)", signal.Signals(signum).name, forward.name, self.broker_pid)
+            child.kill(self.broker_pid, forward)
         if signal.SIGCHLD in signums:
             self.reap()
 

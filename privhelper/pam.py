@@ -7,6 +7,15 @@ PAM_SUCCESS = 0
 PAM_CONV_ERR = 19
 PAM_ESTABLISH_CRED, PAM_DELETE_CRED = 0x2, 0x4  # pam_setcred flags
 PAM_ERROR_MSG, PAM_TEXT_INFO = 3, 4  # the message styles the conversation accepts
+_NAMES = ("SUCCESS OPEN_ERR SYMBOL_ERR SERVICE_ERR SYSTEM_ERR BUF_ERR PERM_DENIED AUTH_ERR CRED_INSUFFICIENT "  # Linux-PAM's
+          "AUTHINFO_UNAVAIL USER_UNKNOWN MAXTRIES NEW_AUTHTOK_REQD ACCT_EXPIRED SESSION_ERR CRED_UNAVAIL CRED_EXPIRED "
+          "CRED_ERR NO_MODULE_DATA CONV_ERR AUTHTOK_ERR AUTHTOK_RECOVERY_ERR AUTHTOK_LOCK_BUSY AUTHTOK_DISABLE_AGING "
+          "TRY_AGAIN IGNORE ABORT AUTHTOK_EXPIRED MODULE_UNKNOWN BAD_ITEM CONV_AGAIN INCOMPLETE").split()
+
+
+def _code(rc: int) -> str:
+    """As upstream writes it: `error code: 7 [PAM_AUTH_ERR]`."""
+    return f"error code: {rc}" + (f" [PAM_{_NAMES[rc]}]" if 0 <= rc < len(_NAMES) else "")
 
 _libpam = ctypes.CDLL("libpam.so.0", use_errno=True)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -52,7 +61,7 @@ class PamSession:
         self._handle, self._last, self.session_open, self.cred_set = ctypes.c_void_p(), PAM_SUCCESS, False, False
         rc = _libpam.pam_start(service.encode(), user.encode(), ctypes.byref(self._conv), ctypes.byref(self._handle))
         if rc != PAM_SUCCESS:
-            raise PamError("pam_start", f"error {rc}")
+            raise PamError("pam_start", f"({_code(rc)})")
 
     def _converse(self, num_msg, msgs, resp, _appdata):
         for i in range(num_msg):
@@ -72,7 +81,7 @@ class PamSession:
         if rc != PAM_SUCCESS:
             text = _libpam.pam_strerror(self._handle, rc).decode("utf-8", "replace")
             said = f" (module said: {'; '.join(self.messages)})" if self.messages else ""
-            raise PamError(step, f"{text}{said}")
+            raise PamError(step, f"({_code(rc)}) {text}{said}")
 
     def open(self) -> None:
         """Account check, credentials, session: the order su and sshd use."""

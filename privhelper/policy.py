@@ -25,6 +25,7 @@ class Pam(typing.NamedTuple):
     enabled: bool = False
     service: str = "globus-compute-endpoint"
     no_new_privs: bool = False  # with PAM on; without PAM it is always set
+    keep_bounding_set: bool = True  # with PAM on and no_new_privs off: setuid programs keep their capabilities
 
 
 class Policy(typing.NamedTuple):
@@ -44,6 +45,7 @@ class Policy(typing.NamedTuple):
     max_children: int = 256
     max_children_per_user: int = 4
     env_deny: tuple = DEFAULT_ENV_DENY
+    env_allow: frozenset = frozenset()  # names the administrator allows despite env_deny (never FIXED_ENV)
     path_env: str = "/usr/local/bin:/usr/bin:/bin"
     lang: str = "C.UTF-8"
     stop_grace_seconds: int = 3
@@ -51,13 +53,15 @@ class Policy(typing.NamedTuple):
     max_frame: int = 1 << 20
 
     def env_denied(self, name: str) -> bool:
-        return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in self.env_deny)
+        return name not in self.env_allow and any(name.startswith(p[:-1]) if p.endswith("*") else name == p
+                                                  for p in self.env_deny)
 
 
 _INTS = ("min_uid", "max_uid", "max_children", "max_children_per_user", "stop_grace_seconds", "io_timeout_seconds", "max_frame")
 _KEYS = {"broker_user": str, "key_file": str, "pam": dict, "path": str, "lang": str, **dict.fromkeys(_INTS, int),
-         **dict.fromkeys(("uep_argv", "broker_argv", "deny_users", "deny_groups", "allow_users", "allow_groups", "env_deny"), list)}
-_PAM_KEYS = {"enabled": bool, "service": str, "no_new_privs": bool}
+         **dict.fromkeys(("uep_argv", "broker_argv", "deny_users", "deny_groups", "allow_users", "allow_groups", "env_deny",
+                         "env_allow"), list)}
+_PAM_KEYS = {"enabled": bool, "service": str, "no_new_privs": bool, "keep_bounding_set": bool}
 _REQUIRED = ("broker_user", "key_file", "uep_argv")
 
 
@@ -141,7 +145,9 @@ def load_policy(path: str) -> Policy:
     for key in ("max_children", "max_children_per_user", "stop_grace_seconds", "io_timeout_seconds"):
         if ints.get(key, 1) < 1:
             raise PolicyError(f"{path}: {key} must be at least 1")
-    lists = {k: frozenset(_str_list(raw, k, path)) for k in ("deny_users", "deny_groups", "allow_users", "allow_groups")}
+    lists = {k: frozenset(_str_list(raw, k, path)) for k in ("deny_users", "deny_groups", "allow_users", "allow_groups", "env_allow")}
+    if fixed := sorted(lists["env_allow"] & set(FIXED_ENV)):
+        raise PolicyError(f"{path}: env_allow may not name {fixed[0]}: the helper sets it from the passwd entry")
     return Policy(path=path, broker_user=broker.pw_name, broker_uid=broker.pw_uid,
                   key_file=raw["key_file"], uep_argv=uep_argv, broker_argv=_argv(raw, "broker_argv", path, placeholder=False),
                   pam=pam, env_deny=DEFAULT_ENV_DENY + _str_list(raw, "env_deny", path),

@@ -141,7 +141,8 @@ def from_wire(obj, envelope=()) -> object:
 
 REQ, PID = Str(REQ_ID_RE, 64), Int(1, MAX_PID)
 Challenge = message("challenge", version=Int(VERSION, VERSION), nonce=Str(HEX64_RE, 64), max_frame=Int(1, MAX_FRAME),
-                    doc="`max_frame`: the policy's frame cap, so that the broker never sends a frame the helper must refuse.")
+                    pam=Str(None, 128), doc="`max_frame`: the policy's frame cap, so that the broker never sends a frame "
+                    "the helper must refuse; `pam`: the policy's PAM service, or empty when PAM is off.")
 Hello = message("hello", version=Int(VERSION, VERSION), mac=Str(HEX64_RE, 64))
 # requests, broker -> helper; on the wire each also carries seq and mac
 Spawn = message("spawn", request=True, req=REQ, username=USERNAME, uid=Int(0, (1 << 32) - 1),

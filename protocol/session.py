@@ -85,14 +85,15 @@ class Session:
 class HelperSession(Session):
     """The helper's side: issues the challenge, authenticates every request."""
 
-    def __init__(self, key: bytes, max_frame: int = MAX_FRAME):
+    def __init__(self, key: bytes, max_frame: int = MAX_FRAME, pam: str = ""):
         super().__init__(key, max_frame, "start")
         self.nonce = os.urandom(32)  # = secrets.token_bytes, without loading `random`
+        self.pam = pam  # announced, so that the broker can refuse a config.yaml that disagrees
 
     def challenge(self) -> bytes:
         self._expect("start", "challenge")
         self.state = "await-hello"
-        return self._frame(messages.Challenge(messages.VERSION, self.nonce.hex(), self._max_frame))
+        return self._frame(messages.Challenge(messages.VERSION, self.nonce.hex(), self._max_frame, self.pam))
 
     def send(self, event) -> bytes:
         self._guard()

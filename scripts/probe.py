@@ -8,7 +8,8 @@ stdin payload and the credential memfd. Then it acts on $PROBE_ACTION or else th
 payload, a JSON object:
 {"sleep": seconds, "exit": code, "grandchild": true (fork a child that sleeps too),
 "cred_wait": seconds (wait for the credential memfd to change and report it again),
-"escape": true (a setsid'd, double-forked descendant outside the UEP's group reports its pid)}.
+"escape": true (a setsid'd, double-forked descendant outside the UEP's group reports its pid),
+"run": [argv] (run a program, e.g. a setuid one, and report its exit code and output)}.
 Stdlib only; it is exec'd directly as the UEP program of a test policy.
 """
 
@@ -99,6 +100,10 @@ def main() -> int:
             emit({"escaped": os.getpid(), "sid": os.getsid(0)})
             time.sleep(120)
         os._exit(0)
+    if action.get("run"):
+        import subprocess
+        done = subprocess.run(action["run"], capture_output=True, text=True)
+        emit({"pid": os.getpid(), "run": {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}})
     if action.get("grandchild") and os.fork() == 0:
         time.sleep(action.get("sleep", 0))
         os._exit(0)

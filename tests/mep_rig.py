@@ -159,6 +159,9 @@ class LiveMEP:
         asyncio.run(_declare(self.command_queue, durable=durable))
         cfg = {"multi_user": True, "display_name": f"test MEP {self.tag}",
                "identity_mapping_config_path": str(self.dir / "identity_mapping.json")}
+        pam = (policy or {}).get("pam", {})
+        if pam.get("enabled"):  # config.yaml's pam: must agree with the policy's (broker/main.py pam_problem)
+            cfg["pam"] = {"enable": True, "service_name": pam["service"]}
         cfg.update(config or {})
         self.write("config.yaml", json.dumps(cfg))  # JSON is YAML
         self.write("identity_mapping.json", json.dumps(idmap if idmap is not None else idmap_expression()))

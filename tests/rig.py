@@ -333,7 +333,7 @@ def strace_holding(pid: int, syscall: str, inject: str):
                               stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while _status_field(pid, "TracerPid") != str(tracer.pid):
+        while proc_status_field(pid, "TracerPid") != str(tracer.pid):
             if tracer.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"strace did not attach to {pid}: {tracer.stderr.read() if tracer.poll() else ''}")
             time.sleep(0.01)
@@ -343,7 +343,7 @@ def strace_holding(pid: int, syscall: str, inject: str):
         tracer.wait(10)
 
 
-def _status_field(pid: int, name: str) -> str:
+def proc_status_field(pid: int, name: str) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
 

@@ -115,13 +115,19 @@ def mappers(tmp_path, documents):
 
 
 def test_seed_example_maps_as_it_says(tmp_path):
-    """The configure example: jessica@example.com -> jessica; nothing else."""
+    """The configure example is the seed's two-entry one: "/bin/false always returns with a
+    non-zero exit code and so will be ignored" (a warning names it), then the expression
+    maps jessica@example.com -> jessica; nothing else maps."""
     from broker import seed
     path = tmp_path / "example.json"
     path.write_text(seed.IDMAP_EXAMPLE)
     m = idmap.load(path, "ep")
-    got = idmap.map_identity_set(m, [dict(IDENT, username="jessica@example.com")])
-    assert got.username == "jessica" and got.identity == IDENT["id"]
+    assert [kind for kind, _ in m] == ["external_identity_mapping#1.0.0", "expression_identity_mapping#1.0.0"]
+    warnings = []
+    got = idmap.map_identity_set(m, [dict(IDENT, username="jessica@example.com")],
+                                 warn=lambda msg, **kw: warnings.append((msg, kw)))
+    assert got.username == "jessica" and got.identity == IDENT["id"] and got.rule.startswith("mapper 2 ")
+    assert len(warnings) == 1 and warnings[0][1]["mapper"] == "mapper 1 of 2 (external_identity_mapping#1.0.0)"
     assert idmap.map_identity_set(m, [dict(IDENT, username="jessica@example.org")]) is None
 
 
@@ -158,6 +164,9 @@ class Log:
 
     def info(self, event, **kw):
         self.lines.append(("info", event))
+
+    def warning(self, event, **kw):
+        self.lines.append(("warning", event))
 
     def error(self, event, **kw):
         self.lines.append(("error", event))

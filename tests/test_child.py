@@ -126,3 +126,16 @@ def test_denied_environment_is_refused(helpers, accounts, var):
     assert reply.type == "refused"
     assert reply.code == "env-denied" and var in reply.reason
     assert rig.processes_of(accounts.alice.pw_name) == []
+
+
+def test_the_administrator_may_allow_denied_variables_by_name(helpers, accounts, rigdir):
+    """The seed's site environment (module-provided libraries): user_environment.yaml may
+    set LD_LIBRARY_PATH or PYTHONPATH once the root policy names them in env_allow; the
+    rest of the deny-list, and HOME, USER, LOGNAME and SHELL, stay the helper's."""
+    helper, client = helpers(env_allow=["LD_LIBRARY_PATH", "PYTHONPATH"])
+    _, seen = spawn_and_report(client, accounts.alice, env={"LD_LIBRARY_PATH": "/opt/site/lib", "PYTHONPATH": "/opt/p"})
+    assert seen["env"]["LD_LIBRARY_PATH"] == "/opt/site/lib" and seen["env"]["PYTHONPATH"] == "/opt/p"
+    reply = client.spawn(accounts.alice, env={"LD_PRELOAD": "/opt/site/lib/x.so"})
+    assert reply.type == "refused" and reply.code == "env-denied" and "env_allow" in reply.reason
+    helper, client = helpers(env_allow=["HOME"], handshake=False)
+    assert helper.wait() == 78 and "env_allow may not name HOME" in helper.output()

@@ -2,6 +2,7 @@
 service files under /etc/pam.d created for the test."""
 
 import grp
+import json
 import os
 
 import pytest
@@ -49,7 +50,65 @@ def test_session_is_open_while_the_uep_runs_and_closed_after(helpers, accounts, 
     assert client.wait_exited(reply.pid).status == 0
     assert lines(pamrig["log"])[before:] == [f"open_session {user} {pamrig['full']}", f"close_session {user} {pamrig['full']}"]
     assert seen["no_new_privs"] == 0  # with PAM, NO_NEW_PRIVS is policy and off by default
-    assert seen["caps"]["CapEff"] == seen["caps"]["CapBnd"] == "0000000000000000"
+    assert seen["caps"]["CapEff"] == seen["caps"]["CapPrm"] == "0000000000000000"
+    # and the bounding set is left as a login's is, for setuid programs (keep_bounding_set, below)
+    assert seen["caps"]["CapBnd"] == rig.proc_status_field(helper.proc.pid, "CapBnd")
+
+
+SETUID_BIND = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(void) {  /* a reserved port needs CAP_NET_BIND_SERVICE, as a scheduler's setuid helper might */
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(1)};
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    int rc = bind(s, (struct sockaddr *)&a, sizeof a);
+    printf("euid=%d bind=%s\n", (int)geteuid(), rc == 0 ? "ok" : strerror(errno));
+    return rc != 0;
+}
+"""
+
+
+@pytest.fixture
+def setuid_bind(rigdir):
+    """A setuid-root program that binds a reserved port (the seed: "If your site requires
+    use of SETUID executables, then PAM must be enabled")."""
+    source, binary = rigdir.path / "setuid-bind.c", rigdir.path / f"setuid-bind-{os.urandom(3).hex()}"
+    source.write_text(SETUID_BIND)
+    rig.run("gcc", "-O1", "-o", str(binary), str(source))
+    os.chmod(binary, 0o4755)
+    yield binary
+    binary.unlink()
+
+
+@pytest.mark.parametrize("keep, expected", [(None, "euid=0 bind=ok"), (False, "euid=0 bind=Permission denied")])
+def test_with_pam_a_setuid_program_keeps_its_capabilities_unless_the_policy_is_strict(
+        helpers, accounts, rigdir, pamrig, setuid_bind, keep, expected):
+    pam = {} if keep is None else {"keep_bounding_set": keep}
+    helper, client = helpers(pam_policy(rigdir, pamrig["full"], pam=pam))
+    reply = client.spawn(accounts.alice, stdin=json.dumps({"run": [str(setuid_bind)]}).encode())
+    assert reply.type == "spawned", reply
+    seen = rig.read_report(reply.fds["audit"])
+    ran = rig.read_report(reply.fds["audit"])["run"]
+    assert ran["stdout"].strip() == expected, ran
+    assert seen["caps"]["CapEff"] == "0000000000000000"  # the UEP itself has none either way
+    client.wait_exited(reply.pid)
+
+
+def test_without_pam_or_with_no_new_privs_a_setuid_program_gets_nothing(helpers, accounts, rigdir, pamrig,
+                                                                        setuid_bind):
+    for policy in (rigdir.policy(), pam_policy(rigdir, pamrig["full"], pam={"no_new_privs": True})):
+        helper, client = helpers(policy)
+        reply = client.spawn(accounts.alice, stdin=json.dumps({"run": [str(setuid_bind)]}).encode())
+        seen = rig.read_report(reply.fds["audit"])
+        assert seen["caps"]["CapBnd"] == "0000000000000000" and seen["no_new_privs"] == 1
+        ran = rig.read_report(reply.fds["audit"])["run"]
+        assert ran["stdout"].strip().startswith(f"euid={accounts.alice.pw_uid} "), ran  # NO_NEW_PRIVS: no setuid
+        client.wait_exited(reply.pid)
 
 
 def test_pam_limits_act_on_the_session_not_the_helper(helpers, accounts, rigdir, pamrig):

@@ -1,0 +1,158 @@
+"""The seed chapter, "Running the MEP" and "Hot Restarting", as an administrator follows it
+(issue 16): the signals it names, sent to the pid the administrator sees.
+
+    "To stop the MEP, type Ctrl+\\ (SIGQUIT) or Ctrl+C (SIGINT). Alternatively, the
+     process also responds to SIGTERM."            -- Running the MEP
+    "# kill -SIGHUP <the_mep_pid>"                  -- Hot Restarting
+
+`mepctl start` becomes the root helper, which is also a systemd unit's MainPID; the
+broker is its child. Both pids must answer. A clean stop: every UEP TERMed (not
+KILLed) with its grace, its user told, the audit log's `End MEP session` sentinel,
+exit code 0. The terminal cases run the MEP on a real pty as its controlling terminal
+and type the keys, so that the kernel's line discipline sends the signal to the
+foreground process group, as it does for an administrator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+
+import pytest
+
+from tests import rig
+from tests.mep_rig import wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
+HA = {"high_assurance": True, "subscription_id": "00000000-0000-0000-0000-000000000002"}
+SLEEPY = {"PROBE_ACTION": json.dumps({"sleep": 600})}
+
+
+def audit_path(rigdir):
+    """A file the broker account can create (the audit log of a high-assurance MEP)."""
+    folder = rigdir.path / f"audit-{os.urandom(3).hex()}"
+    folder.mkdir()
+    os.chown(folder, rigdir.accounts.broker.pw_uid, rigdir.accounts.broker.pw_gid)
+    return folder / "audit.log"
+
+
+def with_two_ueps(live, rigdir):
+    audit = audit_path(rigdir)
+    mep = live(config={**HA, "audit_log_path": str(audit)}, environment=SLEEPY)
+    cmds = [mep.command(f"mept-{u}@example.org") for u in ("alice", "bob")]
+    for cmd in cmds:
+        mep.publish(cmd)
+    pids = wait_for(lambda: len(r := mep.reports_now()) == 2 and list(r), what="two UEPs")
+    return mep, cmds, pids, audit
+
+
+def assert_clean_stop(mep, cmds, pids, audit, code):
+    assert code == 0, mep.output()[-3000:]
+    assert rig.wait_gone(pids, 5) == []
+    log = mep.output()
+    exits = [line for line in log.splitlines() if "user endpoint exited" in line]
+    assert len(exits) == 2 and all("status=-15" in line for line in exits), exits  # TERM, not KILL
+    for cmd in cmds:
+        notice = mep.notice(cmd)
+        assert notice and "shutting down" in notice["data"]["global_state"]["error"], notice
+    assert "End MEP session -----" in audit.read_text().splitlines()[-1]
+    assert "broker stopped" in log and "code=0" in log.split("broker stopped")[-1][:200]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+def test_a_stop_signal_to_the_root_pid_stops_the_mep_cleanly(live, rigdir, sig):
+    mep, cmds, pids, audit = with_two_ueps(live, rigdir)
+    assert "SigBlk:\t0000000000000000" in open(f"/proc/{mep.proc.pid}/status").read()
+    os.kill(mep.proc.pid, sig)
+    assert_clean_stop(mep, cmds, pids, audit, rig.reap(mep.proc, 30))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+def test_a_stop_signal_to_the_broker_pid_stops_the_mep_cleanly(live, rigdir, sig):
+    mep, cmds, pids, audit = with_two_ueps(live, rigdir)
+    os.kill(mep.broker_pid(), sig)
+    assert_clean_stop(mep, cmds, pids, audit, rig.reap(mep.proc, 30))
+
+
+@pytest.mark.parametrize("pid_of", ["root helper", "broker"])
+def test_sighup_to_either_pid_hot_restarts_and_keeps_every_uep(live, rigdir, pid_of):
+    mep, cmds, pids, audit = with_two_ueps(live, rigdir)
+    broker = mep.broker_pid()
+    os.kill(mep.proc.pid if pid_of == "root helper" else broker, signal.SIGHUP)
+    wait_for(lambda: "broker re-executed in place" in mep.output(), what="the re-exec")
+    assert mep.broker_pid() == broker and all(rig.alive(p) for p in pids) and mep.proc.poll() is None
+    after = mep.command("mept-carol@example.org")  # and it serves on
+    mep.publish(after)
+    wait_for(lambda: len(mep.reports_now()) == 3, what="a start after the hot restart")
+
+
+def test_a_second_stop_signal_to_the_root_pid_is_the_administrator_insisting(live, rigdir):
+    """The broker is given its clean stop; a second TERM while it stops ends the helper,
+    which stops every UEP itself (and reports why, exit code 2)."""
+    mep, cmds, pids, audit = with_two_ueps(live, rigdir)
+    os.kill(mep.broker_pid(), signal.SIGSTOP)  # a broker that does not get round to stopping
+    try:
+        os.kill(mep.proc.pid, signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received: SIGTERM to the broker" in mep.output(), what="the first TERM passed on")
+        os.kill(mep.proc.pid, signal.SIGTERM)
+        assert rig.reap(mep.proc, 30) == 2
+    finally:
+        rig.run("pkill", "-CONT", "-u", "mept-broker", check=False)
+    assert rig.wait_gone(pids, 10) == []
+    assert "SIGTERM received" in mep.output().split("to the broker")[-1]
+
+
+class Terminal:
+    """The MEP on a pty that is its controlling terminal: the helper is the session
+    leader and the foreground process group, as under an administrator's shell."""
+
+    def __init__(self, mep):
+        self.master, slave = pty.openpty()
+        os.kill(mep.broker_pid(), signal.SIGTERM)  # the rig's own launch (not on a terminal) makes way
+        rig.reap(mep.proc, 30)
+        mep.proc = subprocess.Popen(rig.helper_cmd(mep.policy, "--launch"), stdin=slave, stdout=slave, stderr=slave,
+                                    preexec_fn=lambda: os.login_tty(slave), close_fds=True)
+        os.close(slave)
+        self.out = b""
+        wait_for(lambda: self.read().count(b"consuming start commands") > 0 or mep.proc.poll() is not None,
+                 timeout=20, what="the broker on the terminal")
+        assert mep.proc.poll() is None, self.out.decode("utf-8", "replace")
+
+    def read(self) -> bytes:
+        os.set_blocking(self.master, False)
+        try:
+            while chunk := os.read(self.master, 65536):
+                self.out += chunk
+        except (BlockingIOError, OSError):
+            pass
+        return self.out
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+
+@pytest.mark.parametrize("keys, name", [(b"\x03", "Ctrl+C"), (b"\x1c", "Ctrl+\\")])
+def test_ctrl_c_and_ctrl_backslash_in_a_terminal_stop_the_mep_cleanly(live, rigdir, keys, name):
+    audit = audit_path(rigdir)
+    mep = live(config={**HA, "audit_log_path": str(audit)}, environment=SLEEPY)
+    term = Terminal(mep)
+    cmds = [mep.command(f"mept-{u}@example.org") for u in ("alice", "bob")]
+    for cmd in cmds:
+        mep.publish(cmd)
+    pids = wait_for(lambda: len(r := mep.reports_now()) == 2 and list(r), what="two UEPs")
+    sessions = [int(p) for p in rig.run("pgrep", "-P", str(mep.proc.pid), "-u", "root", check=False).stdout.split()]
+    assert sessions and all(os.getpgid(p) != os.getpgid(mep.proc.pid) for p in sessions)  # not in the terminal's group
+    term.type(keys)
+    code = rig.reap(mep.proc, 30)
+    log = term.read().decode("utf-8", "replace")
+    assert code == 0, log[-3000:]
+    assert rig.wait_gone(pids, 5) == []
+    exits = [line for line in log.splitlines() if "user endpoint exited" in line]
+    assert len(exits) == 2 and all("status=-15" in line for line in exits), (name, exits, log[-3000:])
+    for cmd in cmds:
+        assert "shutting down" in mep.notice(cmd)["data"]["global_state"]["error"]
+    assert "End MEP session -----" in audit.read_text()
+    os.close(term.master)
