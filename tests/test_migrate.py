@@ -56,6 +56,20 @@ def test_the_broker_loads_what_upstream_configure_writes(tmp_path):
     assert broker_config.load_config(d).user_config_template_path == d / "user_config_template.yaml"
 
 
+def test_an_older_upstream_config_with_multi_user_converts(tmp_path):
+    """The seed's older default config.yaml (amqp_port, display_name: null, multi_user: true)."""
+    from broker import upstream
+    (tmp_path / "idmap.json").write_text("[]")
+    (tmp_path / "config.yaml").write_text(f"amqp_port: 443\ndisplay_name: null\nidentity_mapping_config_path: "
+                                          f"{tmp_path / 'idmap.json'}\nmulti_user: true\n")
+    src = upstream.gather(tmp_path, {})
+    assert src.config == {"amqp_port": 443, "display_name": None,
+                          "identity_mapping_config_path": tmp_path / "idmap.json"}
+    assert src.files["idmap"] == tmp_path / "idmap.json" and "template" not in src.files
+    assert any("dropped `multi_user: true`" in c for c in src.changed)
+    assert any("no user_config_template.yaml.j2" in c for c in src.changed)  # the seed's is written instead
+
+
 def mepctl(rigdir, *args):
     return subprocess.run([*MEPCTL, str(rigdir.lib), *args], capture_output=True, text=True, timeout=120)
 
@@ -186,3 +200,21 @@ def test_converting_in_place_is_refused(rigdir, accounts, croot):
     out = mepctl(rigdir, "configure", "--multi-user", "same", "--from-upstream", str(up), "--config-root",
                  str(up.parent), "--broker-user", accounts.broker.pw_name, "--uep-executable", str(rigdir.probe))
     assert out.returncode == 1 and "is the upstream directory itself" in out.stderr, out.stderr
+
+
+@pytest.mark.root
+def test_a_high_assurance_endpoint_keeps_its_policy_and_gets_an_audit_log_the_broker_writes(rigdir, accounts, croot):
+    policy, subscription = str(uuid.UUID(int=10)), str(uuid.UUID(int=11))
+    up = upstream_configure(croot / "home", "ha", "--high-assurance", "--auth-policy", policy,
+                            "--subscription-id", subscription)
+    (up / "audit.log").write_text("upstream's records\n")
+    out = mepctl(rigdir, "configure", "--multi-user", "ha", "--from-upstream", str(up), "--config-root", str(croot),
+                 "--broker-user", accounts.broker.pw_name, "--uep-executable", str(rigdir.probe))
+    assert out.returncode == 0, out.stderr
+    d = croot / "ha"
+    cfg = broker_config.load_config(d)
+    assert cfg.high_assurance and cfg.subscription_id == subscription and cfg.authentication_policy == policy
+    assert cfg.audit_log_path == d / "audit.log"
+    assert owner_mode(d / "audit.log") == (accounts.broker.pw_uid, accounts.broker.pw_gid, 0o600)
+    assert f"audit_log_path: {up / 'audit.log'} -> {d / 'audit.log'}" in out.stdout
+    assert (up / "audit.log").read_text() == "upstream's records\n"  # the old log stays where it is
