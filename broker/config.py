@@ -2,8 +2,11 @@
 
 The keys are upstream's (globus-compute-endpoint 4.19, CoreEndpointConfig) plus two of
 our own for registration (compute_service_url, compute_service_token_file), so an
-existing multi-user config.yaml loads unchanged. Every error names the
-file, the key and what to write instead: an administrator fixes it in one go.
+existing multi-user config.yaml loads unchanged: 4.19 writes no `multi_user` key (its
+loader refuses one), older files say `multi_user: true`; both load. As upstream, a
+template path ending in .j2 that does not exist falls back to the name without .j2 (the
+older `user_config_template.yaml`). Every error names the file, the key and what to
+write instead: an administrator fixes it in one go.
 """
 
 from __future__ import annotations
@@ -115,9 +118,9 @@ def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
     values = {}
     for key, value in raw.items():
         values[key] = _check(path, key, value)
-    if values.get("multi_user") is not True:
-        raise ConfigError(f"{path}: multi_user must be true: this endpoint starts user endpoints as the mapped "
-                          "local users (write `multi_user: true`)")
+    if values.get("multi_user", True) is not True:
+        raise ConfigError(f"{path}: multi_user must be true or absent: this endpoint starts user endpoints as the "
+                          "mapped local users (delete the line)")
     if not values.get("identity_mapping_config_path"):
         raise ConfigError(f"{path}: identity_mapping_config_path is required: a multi-user endpoint changes users, "
                           "so it must know how to map Globus identities to local accounts (write "
@@ -131,6 +134,9 @@ def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
                 "compute_service_token_file"):
         if values.get(key) is not None:
             values[key] = conf_dir / pathlib.Path(values[key]).expanduser()  # relative paths: to the config dir
+    template = values["user_config_template_path"]
+    if template.suffix == ".j2" and not template.exists() and template.with_suffix("").exists():
+        values["user_config_template_path"] = template.with_suffix("")  # upstream's older name
     for key in ("user_config_template_path", "user_config_schema_path"):  # named, they must exist, as upstream says
         if raw.get(key) and not values[key].exists():
             raise ConfigError(f"{path}: {key} names {values[key]}, which does not exist (a schema that is named but "
@@ -147,7 +153,7 @@ def _check(path: pathlib.Path, key, value):
         hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(_FIELDS))}"
         raise ConfigError(f"{path}: unknown key {key!r} ({hint})")
     kind, want = _FIELDS[key]
-    if value is None and key not in ("multi_user", "pam"):
+    if value is None and key != "pam":
         return None
     if key == "pam":
         return _pam(path, value)
@@ -174,6 +180,8 @@ def _check(path: pathlib.Path, key, value):
 
 
 def _pam(path: pathlib.Path, value) -> PamConfig:
+    if value is None:
+        return PamConfig()
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: pam must be a mapping, e.g. `pam: {{enable: true, service_name: "
                           "globus-compute-endpoint}}`")
@@ -183,4 +191,4 @@ def _pam(path: pathlib.Path, value) -> PamConfig:
             raise ConfigError(f"{path}: pam: unknown key {key!r} (known: enable, service_name)")
         if type(v) is not want:
             raise ConfigError(f"{path}: pam.{key} is {v!r}; write {'true or false' if want is bool else 'a PAM service name'}")
-    return PamConfig(**value)
+    return PamConfig(**{"enable": True, **value})  # as upstream's PamConfiguration: a pam block means enabled

@@ -18,7 +18,7 @@ import sys
 
 import attrs
 
-from broker import console, lock, logs, reexec, registration as registration_mod
+from broker import console, lock, logs, reexec, registration as registration_mod, tls
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
@@ -206,7 +206,10 @@ class Broker:
             try:
                 reason = await mep.serve()
             except Exception as e:  # noqa: BLE001 - say why, then stop every UEP below
-                log.exception("broker failed", error=str(e))
+                if (cert := tls.refused(e, mep.registration.get("command_queue_info", {}).get("connection_url"))):
+                    log.error("AMQP server's TLS certificate refused; not connecting", **cert)
+                else:
+                    log.exception("broker failed", error=str(e))
                 code, reason = EX_UNAVAILABLE, "failed"
             if reason == "duplicate":
                 code = EX_CONFIG

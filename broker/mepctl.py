@@ -42,7 +42,11 @@ def cmd_configure(args) -> int:
                                 broker_user=args.broker_user, pam=args.pam, pam_service=args.pam_service,
                                 high_assurance=args.high_assurance, subscription_id=args.subscription_id,
                                 auth_policy=args.auth_policy, audit_log_path=args.audit_log_path,
-                                allowed_functions=args.allowed_function, uep_executable=args.uep_executable)
+                                allowed_functions=args.allowed_function, uep_executable=args.uep_executable,
+                                contact_email=args.contact_email, from_upstream=args.from_upstream,
+                                files={"config": args.core_config or args.manager_config,
+                                       "template": args.template_config, "schema": args.schema_config,
+                                       "user_env": args.user_env_config, "idmap": args.id_mapping_config})
     except (configure_mod.ConfigureError, OSError) as e:
         print(f"mepctl configure: {e}", file=sys.stderr)
         return 1
@@ -141,6 +145,19 @@ def parser() -> argparse.ArgumentParser:
                       help="only allow this function (repeatable)")
     conf.add_argument("--uep-executable", default=configure_mod.DEFAULT_UEP,
                       help="the globus-compute-endpoint program user endpoints run (default %(default)s)")
+    conf.add_argument("--contact-email", help="the administrators' e-mail address (config.yaml `email`)")
+    conf.add_argument("--from-upstream", type=pathlib.Path, metavar="DIR",
+                      help="convert an existing upstream endpoint directory (e.g. /root/.globus_compute/NAME): keep "
+                      "its endpoint id, copy and check its files, print what was kept and what changed")
+    files = conf.add_argument_group("configuration file overrides (upstream's flags): copy this file instead of "
+                                    "the default (or the one in --from-upstream DIR)")
+    for flag, what in (("--core-config", "the multi-user endpoint's config.yaml"),
+                       ("--manager-config", "the same as --core-config (upstream's older name)"),
+                       ("--template-config", "the user config template (user_config_template.yaml.j2)"),
+                       ("--schema-config", "the user config schema (user_config_schema.json)"),
+                       ("--user-env-config", "the user environment (user_environment.yaml)"),
+                       ("--id-mapping-config", "the identity mapping (identity_mapping_config.json)")):
+        files.add_argument(flag, type=pathlib.Path, metavar="FILE", help=what)
     conf.set_defaults(func=cmd_configure)
 
     start = sub.add_parser("start", help="run the helper as root and the broker as the broker account (foreground)",

@@ -4,7 +4,9 @@ upstream does, or from a fixed NAME/registration.json.
 Registration goes through globus-sdk's ComputeClientV3 (the same routes and response as
 the real service): POST /v3/endpoints the first time, PUT /v3/endpoints/ID afterwards,
 so the id is stable and the AMQP credentials are fresh at each start. The id is kept in
-NAME/run/endpoint.json, the one directory the broker may write. The service is
+NAME/run/endpoint.json, the one directory the broker may write; a root-owned
+NAME/endpoint.json (upstream's file, kept by `mepctl configure --from-upstream`) comes
+first, so a migrated endpoint keeps the id its users' scripts name. The service is
 `compute_service_url`, else http://localhost:5000 with upstream's
 `local_compute_services: true`; the bearer token is read from
 `compute_service_token_file` (root:broker, 0640).
@@ -42,7 +44,7 @@ def check(data: dict, where: str) -> dict:
 
 def peek(config) -> str | None:
     """The endpoint id without asking the service (for a reload check)."""
-    for path in (config.conf_dir / STATIC, config.conf_dir / "run" / ENDPOINT_FILE):
+    for path in (config.conf_dir / STATIC, config.conf_dir / ENDPOINT_FILE, config.conf_dir / "run" / ENDPOINT_FILE):
         try:
             return str(json.loads(path.read_text())["endpoint_id"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -3,7 +3,6 @@
 CONFIG = """\
 # The multi-user endpoint's own settings (upstream's keys; see README and docs/).
 # The settings of each user's endpoint live in user_config_template.yaml.j2.
-multi_user: true
 display_name: {display_name}
 
 # How Globus identities map to local accounts (required: this endpoint changes users).

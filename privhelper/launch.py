@@ -1,5 +1,6 @@
 """`mepctl start` mode: the root parent becomes the helper; the child execs the broker as
-the broker account (no caps, NO_NEW_PRIVS, PDEATHSIG) with its socket end as fd 3."""
+the broker account (no caps, NO_NEW_PRIVS, PDEATHSIG) with its socket end as fd 3; of the
+helper's environment only policy.BROKER_ENV (and GLOBUS_SDK_*) reaches it."""
 
 import os
 import pwd
@@ -8,6 +9,7 @@ import socket
 
 from privhelper import child
 from privhelper.authorize import Account
+from privhelper.policy import BROKER_ENV
 
 BROKER_FD = 3
 
@@ -21,9 +23,8 @@ def start_broker(policy) -> tuple:
         raise LaunchError(f"{policy.path}: broker_argv is not set; it names the broker program to start")
     account = Account.of(pwd.getpwnam(policy.broker_user))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    extra = {"MEP_HELPER_FD": str(BROKER_FD)}
-    if "TERM" in os.environ:  # for the broker's foreground timer line on a TTY
-        extra["TERM"] = os.environ["TERM"]
+    extra = {k: v for k, v in os.environ.items() if k in BROKER_ENV or k.startswith("GLOBUS_SDK_")}
+    extra["MEP_HELPER_FD"] = str(BROKER_FD)
     devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # fork_exec holds the stops; the helper must get them back
     pid, failure = child.fork_exec(account, policy.broker_argv, child.build_env(account, policy, {}, extra),

@@ -14,6 +14,10 @@ DEFAULT_ENV_DENY = ("LD_*", "PYTHON*", "BASH_FUNC_*", "MALLOC_*", "GCONV_PATH", 
                     "_JAVA_OPTIONS")
 # set by the helper from the passwd entry; neither PAM nor the broker may replace them
 FIXED_ENV = ("HOME", "USER", "LOGNAME", "SHELL")
+# all launch mode passes from the helper's environment to the broker, and GLOBUS_SDK_* (docs/policy.md)
+BROKER_ENV = frozenset({"HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy", "TERM",
+                        "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "GLOBUS_COMPUTE_CLIENT_ID",
+                        "GLOBUS_COMPUTE_CLIENT_SECRET"})
 NOBODY_UIDS = frozenset({65534, (1 << 32) - 2, (1 << 32) - 1})
 
 

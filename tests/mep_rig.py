@@ -144,7 +144,7 @@ def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
 class LiveMEP:
     def __init__(self, rigdir: rig.RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
                  schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False,
-                 registration: bool = True, durable: bool = False):
+                 registration: bool = True, durable: bool = False, amqp_url: str = AMQP_URL, wait: bool = True):
         self.rigdir, self.accounts = rigdir, rigdir.accounts
         self.tag = secrets.token_hex(4)
         self.dir = rigdir.path / f"mep-{self.tag}"
@@ -173,7 +173,7 @@ class LiveMEP:
         self.write("user_environment.yaml", json.dumps(env))
         if registration:  # else the broker registers with the service named in config
             self.write("registration.json", json.dumps({"endpoint_id": self.endpoint_id, "command_queue_info": {
-                "connection_url": AMQP_URL, "queue": self.command_queue}}))
+                "connection_url": amqp_url, "queue": self.command_queue}}))
         self.log_path = self.dir / "endpoint.log"
         self.log_path.touch()
         os.chown(self.log_path, self.accounts.broker.pw_uid, self.accounts.broker.pw_gid)
@@ -193,6 +193,8 @@ class LiveMEP:
         finally:
             if tty:
                 os.close(out)
+        if not wait:  # the caller watches the start itself (a start expected to fail)
+            return
         wait_for(lambda: "consuming start commands" in self.output() or self.proc.poll() is not None,
                  what="the broker to consume")
         if self.proc.poll() is not None:

@@ -91,7 +91,7 @@ def test_config_loads_upstream_keys(tmp_path):
     ("multi_user: true\nidentity_mapping_config_path: x\nheartbeat_period: -1\n", "heartbeat_period is -1"),
     ("multi_user: true\nidentity_mapping_config_path: x\nsubscription_id: nope\n", "write a Globus subscription id"),
     ("multi_user: true\n", "identity_mapping_config_path is required"),
-    ("display_name: x\nidentity_mapping_config_path: x\n", "multi_user must be true"),
+    ("multi_user: false\ndisplay_name: x\nidentity_mapping_config_path: x\n", "multi_user must be true or absent"),
     ("multi_user: true\nidentity_mapping_config_path: x\nhigh_assurance: true\n", "high_assurance needs subscription_id"),
     ("multi_user: true\nidentity_mapping_config_path: x\npam: {enabled: true}\n", "pam: unknown key 'enabled'"),
     ("- a list\n", "top level must be a mapping"),
