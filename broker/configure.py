@@ -33,6 +33,7 @@ import uuid
 import yaml
 
 from broker import seed, upstream
+from privhelper import policy as policy_mod
 
 DEFAULT_BROKER = "gcmep"
 DEFAULT_UEP = "/opt/mep/uep-venv/bin/mep-uep-start"  # scripts/uep-start.sh: makes the UEP dir, then execs it
@@ -49,8 +50,14 @@ class ConfigureError(Exception):
     pass
 
 
+SYSTEM_ROOT = pathlib.Path("/etc/globus-compute")
+
+
 def default_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("GLOBUS_COMPUTE_USER_DIR") or pathlib.Path.home() / ".globus_compute")
+    """$GLOBUS_COMPUTE_USER_DIR, else /etc/globus-compute. Not root's ~/.globus_compute, as
+    upstream's all-root MEP uses: root's home is 0700, and the broker must read the
+    directory (docs/decisions.md)."""
+    return pathlib.Path(os.environ.get("GLOBUS_COMPUTE_USER_DIR") or SYSTEM_ROOT)
 
 
 def ensure_broker_account(name: str, say) -> pwd.struct_passwd:
@@ -129,6 +136,11 @@ def configure(name: str, root: pathlib.Path, *, display_name=None, broker_user=D
         raise ConfigureError("the broker account must not be root")
     conf_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     check_reachable(conf_dir, broker)
+    try:  # the helper's own rule for every directory above its policy: what `start` will check
+        policy_mod.check_trusted_path(str(conf_dir.parent), "the config root", want_file=False)
+    except policy_mod.PolicyError as e:
+        raise ConfigureError(f"{e}; the root helper would refuse to start from there. Choose a config root that only "
+                             f"root can write, e.g. `--config-root {SYSTEM_ROOT}`") from None
     conf_dir.mkdir(mode=0o755)
     os.chmod(conf_dir, 0o755)
     try:
@@ -259,6 +271,9 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
         ha = seed.HIGH_ASSURANCE.format(subscription_id=subscription_id,
                                         auth_policy=f"authentication_policy: {auth_policy}\n" if auth_policy else "",
                                         audit_log_path=audit_log_path or conf_dir / "audit.log")
+    else:  # the seed: any MEP may belong to a subscription and name an authentication policy
+        ha = "".join(f"{key}: {value}\n" for key, value in (("subscription_id", subscription_id),
+                                                              ("authentication_policy", auth_policy)) if value)
     af = ""
     if allowed_functions:
         af = "\n# Only these functions may run on this endpoint's user endpoints.\nallowed_functions:\n" + \
@@ -268,7 +283,7 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
         if contact_email:
             ha += f"email: {json.dumps(contact_email)}\n"
         text = seed.CONFIG.format(
-            display_name=json.dumps(display_name or name), idmap_path=idmap_path, high_assurance=ha,
+            display_name=json.dumps(display_name), idmap_path=idmap_path, high_assurance=ha,
             allowed_functions=af, policy_path=conf_dir / POLICY_FILE, pam_enable=str(pam).lower(),
             pam_service=pam_service)
     else:

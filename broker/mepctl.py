@@ -124,7 +124,7 @@ ADMIN_COMMANDS = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mepctl", description="Administer a privilege-separated multi-user compute endpoint.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    root_help = "where endpoint directories live (default: $GLOBUS_COMPUTE_USER_DIR or ~/.globus_compute)"
+    root_help = "where endpoint directories live (default: $GLOBUS_COMPUTE_USER_DIR or /etc/globus-compute)"
 
     conf = sub.add_parser("configure", help="create a new multi-user endpoint's configuration (as root)",
                           description="Write NAME's directory: config.yaml, the identity mapping example, the user "

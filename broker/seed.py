@@ -59,13 +59,20 @@ USER_CONFIG_TEMPLATE = """\
   Reserved variables: _GC.mapped_identity.local.{uname,uid,gid,dir,shell,groups},
   _GC.mapped_identity.globus.id, _GC.user_runtime (the user's Python and SDK versions).
 
-  This default runs tasks in threads on this host: no scheduler needed. For Slurm or
-  PBS, use GlobusComputeEngine with a SlurmProvider or PBSProProvider (see the
-  Globus Compute endpoint documentation, "Example configurations").
+  This default runs tasks in a worker pool on this host (GlobusComputeEngine with a
+  LocalProvider, talking over the loopback: no scheduler and no internet needed). For
+  Slurm or PBS, swap the provider for a SlurmProvider or PBSProProvider: see
+  docs/examples/ and the Globus Compute endpoint documentation.
 -#}
 engine:
-  type: ThreadPoolEngine
-  max_workers: {{ max_workers | default(2) }}
+  type: GlobusComputeEngine
+  max_workers_per_node: {{ max_workers | default(2) }}
+  address: 127.0.0.1
+  provider:
+    type: LocalProvider
+    init_blocks: 1
+    min_blocks: 0
+    max_blocks: 1
 
 # Stop an idle user endpoint after this many idle heartbeats (30 s each by default);
 # the next task starts a fresh one.

@@ -70,5 +70,8 @@ if [ "$("$UEP_VENV/bin/python3" -c 'import importlib.metadata as m; print(m.vers
   "$UEP_VENV/bin/pip" install -q --disable-pip-version-check "globus-compute-endpoint==$UEP_VERSION"
 fi
 install -o root -g root -m 0755 scripts/uep-start.sh "$UEP_VENV/bin/mep-uep-start"
+# mepctl on root's PATH (not upstream's globus-compute-endpoint, whose `start` would run
+# upstream's all-root MEP)
+ln -sfn "$VENV/bin/mepctl" /usr/local/sbin/mepctl
 chmod -R go-w,a+rX "$VENV" "$UEP_VENV"
 say "ready: $VENV, $UEP_VENV"

@@ -7,6 +7,8 @@ runs a live MEP (root helper, broker, RabbitMQ) and checks from outside: the UEP
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import secrets
 
 import pytest
@@ -122,3 +124,41 @@ def test_parent_config_is_the_whole_mep_config(live, accounts):
     mep.publish(mep.command("mept-alice@example.org"))
     config = json.loads(mep.report()[0]["stdin"])["config"]
     assert f"display_name: test MEP {mep.tag}" in config and "idle_heartbeats_soft: 7" in config, config
+
+
+# -- "Configuration": configure as the chapter runs it, as root, with no --config-root -------------
+
+def test_configure_as_root_with_no_config_root_makes_a_directory_start_accepts(rigdir, accounts):
+    from broker.config import load_config
+    from privhelper.policy import load_policy
+    from tests.test_configure import mepctl
+    name = f"mept-seed-{secrets.token_hex(3)}"
+    conf_dir = pathlib.Path("/etc/globus-compute") / name
+    try:
+        out = mepctl(rigdir, "configure", "--multi-user", name, "--broker-user", accounts.broker.pw_name,
+                     "--uep-executable", str(rigdir.probe), "--subscription-id", "00000000-0000-0000-0000-00000000000a",
+                     "--auth-policy", "00000000-0000-0000-0000-00000000000b")
+        assert out.returncode == 0, out.stderr
+        assert f"mepctl start {name}\n" in out.stdout + "\n" and "--config-root" not in out.stdout
+        load_policy(str(conf_dir / "helper-policy.toml"))  # the helper's own checks, the trusted path included
+        config = load_config(conf_dir)
+        assert config.display_name is None  # the seed's `display_name: null`
+        assert config.subscription_id == "00000000-0000-0000-0000-00000000000a"  # written without high assurance
+        assert config.authentication_policy == "00000000-0000-0000-0000-00000000000b"
+    finally:
+        rig.run("rm", "-rf", str(conf_dir))
+
+
+def test_configure_refuses_a_config_root_the_helper_would_refuse(rigdir, accounts):
+    from tests.test_configure import mepctl
+    sticky = rigdir.path / f"sticky-{secrets.token_hex(3)}"
+    sticky.mkdir(mode=0o1777)
+    os.chmod(sticky, 0o1777)  # like /tmp
+    try:
+        out = mepctl(rigdir, "configure", "--multi-user", "x", "--config-root", str(sticky),
+                     "--broker-user", accounts.broker.pw_name, "--uep-executable", str(rigdir.probe))
+        assert out.returncode != 0 and "writable by group or others" in out.stderr + out.stdout, out
+        assert "the root helper would refuse to start from there" in out.stderr + out.stdout
+        assert not (sticky / "x").exists()
+    finally:
+        rig.run("rm", "-rf", str(sticky))

@@ -147,14 +147,18 @@ def test_debug_lines_use_the_seed_sentinels():
 
 
 def test_default_template_of_configure_renders_without_options(tmp_path):
-    """The template `mepctl configure` writes runs with no options and no scheduler."""
+    """The template `mepctl configure` writes runs with no options and no scheduler: the
+    seed's "basic working" GlobusComputeEngine with a LocalProvider on the loopback, as the
+    pinned UEP's own parser reads it."""
     from broker import seed
     (tmp_path / "t.j2").write_text(seed.USER_CONFIG_TEMPLATE)
     (tmp_path / "s.json").write_text(seed.USER_CONFIG_SCHEMA)
     got = templates.render(tmp_path / "t.j2", tmp_path / "s.json", user_opts={}, user_runtime={},
                            mapped_identity=IDENTITY, parent_config={}, high_assurance=False, allowed_functions=None)
-    assert got.config["engine"]["type"] in ("ThreadPoolEngine", "ProcessPoolEngine")
-    assert "provider" not in got.config["engine"]
+    assert got.config["engine"]["type"] == "GlobusComputeEngine"
+    assert got.config["engine"]["provider"]["type"] == "LocalProvider" and got.config["engine"]["address"] == "127.0.0.1"
+    out = subprocess.run([UEP_PYTHON, "-I", "-c", CHECK_WITH_UEP], input=got.text, capture_output=True, text=True)
+    assert out.stdout.split() == ["UserEndpointConfig", "GlobusComputeEngine", "LocalProvider"], out.stderr[-2000:]
 
 
 UEP_PYTHON = "/opt/mep/uep-venv/bin/python3"  # the pinned globus-compute-endpoint (scripts/setup.sh)
