@@ -8,8 +8,10 @@ import asyncio
 import time
 
 
-def banner(endpoint_id: str) -> str:
-    return f"        >>> Endpoint ID: {endpoint_id} <<<"
+def banner(endpoint_id: str, log_to_console: bool = False) -> str:
+    """The seed's lines: the id on a terminal; with --log-to-console the "begins" line first."""
+    begins = f"\n========== Endpoint Manager begins: {endpoint_id}\n" if log_to_console else ""
+    return f"{begins}        >>> Multi-User Endpoint ID: {endpoint_id} <<<"
 
 
 def timer_line(now: float, started: float, ueps: int) -> str:

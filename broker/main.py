@@ -261,9 +261,9 @@ class Broker:
             self.log.error("no admin socket; mepctl cannot reach this broker (it serves users regardless)",
                            error=str(e))
         background = [asyncio.ensure_future(self.mep.idmap.watch())]
+        if not resumed and (sys.stderr.isatty() or self.args.log_to_console):
+            print(console.banner(self.mep.endpoint_id, self.args.log_to_console), file=sys.stderr)
         if sys.stderr.isatty():
-            if not resumed:
-                print(console.banner(self.mep.endpoint_id), file=sys.stderr)
             background.append(asyncio.ensure_future(console.run_timer(sys.stderr, self.mep)))
         return background
 

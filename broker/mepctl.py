@@ -30,7 +30,8 @@ def cmd_start(args) -> int:
         return 64
     # -I keeps the cwd off sys.path, so this finds the installed helper, never a checkout
     # in the current directory; the helper then re-executes itself as `python3 -I -S`
-    os.execv(sys.executable, [sys.executable, "-I", "-m", "privhelper", "--policy", policy, "--launch"])
+    flags = ["--broker-log-to-console"] * args.log_to_console + ["--broker-debug"] * args.debug
+    os.execv(sys.executable, [sys.executable, "-I", "-m", "privhelper", "--policy", policy, "--launch", *flags])
 
 
 def cmd_configure(args) -> int:
@@ -166,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("name", metavar="NAME", nargs="?", help="the endpoint (its directory under the config root)")
     start.add_argument("--config-root", type=pathlib.Path, default=configure_mod.default_root(), help=root_help)
     start.add_argument("--policy", help="run with this helper policy file instead of NAME's")
+    start.add_argument("--log-to-console", action="store_true", help="the broker's log lines on the console too "
+                       "(they always go to NAME/endpoint.log)")
+    start.add_argument("--debug", action="store_true", help="log at debug level")
     start.set_defaults(func=cmd_start)
 
     for command, text in ADMIN_COMMANDS.items():

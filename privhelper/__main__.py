@@ -22,6 +22,10 @@ def parse_args(argv):
     mode.add_argument("--launch", action="store_true", help="start the broker (policy broker_argv) as the broker account and serve it")
     mode.add_argument("--socket-activated", action="store_true", help="serve the connection systemd passed as fd 3 (Accept=yes)")
     mode.add_argument("--fd", type=int, help="serve an already-connected unix socket on this fd")
+    parser.add_argument("--broker-log-to-console", action="append_const", const="--log-to-console", dest="broker_flags",
+                        default=[], help="with --launch: the broker also logs to the console (mepctl start --log-to-console)")
+    parser.add_argument("--broker-debug", action="append_const", const="--debug", dest="broker_flags",
+                        help="with --launch: the broker logs at debug level (mepctl start --debug)")
     return parser.parse_args(argv)
 
 
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
     broker_pid = None
     try:
         if args.launch:
-            conn, broker_pid = launch.start_broker(policy)
+            conn, broker_pid = launch.start_broker(policy, tuple(args.broker_flags))
         elif args.socket_activated:
             conn = activation.inherited_connection(policy.broker_uid)
         else:

@@ -18,7 +18,8 @@ class LaunchError(Exception):
     pass
 
 
-def start_broker(policy) -> tuple:
+def start_broker(policy, flags: tuple = ()) -> tuple:
+    """`flags`: only --log-to-console and --debug (the helper's own argv offers no others)."""
     if not policy.broker_argv:
         raise LaunchError(f"{policy.path}: broker_argv is not set; it names the broker program to start")
     account = Account.of(pwd.getpwnam(policy.broker_user))
@@ -27,7 +28,7 @@ def start_broker(policy) -> tuple:
     extra["MEP_HELPER_FD"] = str(BROKER_FD)
     devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # fork_exec holds the stops; the helper must get them back
-    pid, failure = child.fork_exec(account, policy.broker_argv, child.build_env(account, policy, {}, extra),
+    pid, failure = child.fork_exec(account, (*policy.broker_argv, *flags), child.build_env(account, policy, {}, extra),
                                    {0: devnull, 1: 1, 2: 2, BROKER_FD: theirs.fileno()}, no_new_privs=True)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     theirs.close()

@@ -156,3 +156,25 @@ def test_ctrl_c_and_ctrl_backslash_in_a_terminal_stop_the_mep_cleanly(live, rigd
         assert "shutting down" in mep.notice(cmd)["data"]["global_state"]["error"]
     assert "End MEP session -----" in audit.read_text()
     os.close(term.master)
+
+
+def test_start_log_to_console_and_debug_need_no_policy_edit(live, rigdir):
+    """`mepctl start NAME --log-to-console --debug`: the root helper passes exactly these two
+    flags on to the broker; the root-owned policy stays as it is."""
+    mep = live()
+    policy_text = mep.policy.read_text()
+    os.kill(mep.broker_pid(), signal.SIGTERM)
+    rig.reap(mep.proc, 30)
+    mep.helper_log = open(mep.helper_log_path, "a")
+    mep.proc = subprocess.Popen(rig.helper_cmd(mep.policy, "--launch", "--broker-log-to-console", "--broker-debug"),
+                                stdin=subprocess.DEVNULL, stdout=mep.helper_log, stderr=subprocess.STDOUT)
+    wait_for(lambda: mep.output().count("consuming start commands") >= 2, what="the broker with the flags")
+    with open(f"/proc/{mep.broker_pid()}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[-3:] == [b"--log-to-console", b"--debug", b""], argv
+    assert f"========== Endpoint Manager begins: {mep.endpoint_id}" in mep.output()
+    assert f">>> Multi-User Endpoint ID: {mep.endpoint_id} <<<" in mep.output()
+    assert mep.policy.read_text() == policy_text
+    bad = subprocess.run(rig.helper_cmd(mep.policy, "--launch", "--broker-flag", "--evil"), capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr  # no other flag gets through
