@@ -17,7 +17,7 @@ from typing import Callable
 from broker.session import BrokerSession, InvalidRequest  # noqa: F401 - raised by requests
 from protocol.errors import ProtocolError
 from protocol.session import CLOSED, NEED_DATA
-from protocol.messages import CHANNELS, Challenge, Exited, Refused, Signal, Spawn, Spawned
+from protocol.messages import CHANNELS, Challenge, Exited, Refused, Signal, Spawn, Spawned, Title
 
 MAX_FDS_PER_READ = 16
 
@@ -76,6 +76,9 @@ class HelperClient:
 
     async def signal(self, pid: int, sig: str = "TERM") -> None:
         await self._request(lambda req: Signal(req, pid, sig))
+
+    async def title(self, endpoint_id: str, name: str) -> None:
+        await self._request(lambda req: Title(req, endpoint_id, name))
 
     async def _request(self, build):
         """Send one request and wait for its reply. A request that breaks the protocol's

@@ -17,13 +17,14 @@ import socket
 import sys
 
 import attrs
+import setproctitle
 
 from broker import console, lock, logs, reexec, registration as registration_mod, tls
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
 from broker.config import ConfigError, MEPConfig, load_config
-from broker.helper_client import HelperClient
+from broker.helper_client import HelperClient, InvalidRequest
 from broker.idmap import IdentityMapper, MappingConfigError
 from broker.mep import MEP
 from broker.registry import UEP
@@ -195,6 +196,13 @@ class Broker:
     async def run(self, resumed: bool) -> int:
         mep, log, config = self.mep, self.log, self.setup.config
         self._signals()
+        # the seed's `ps -eF --forest | perl ...` recipe finds the MEP by these titles
+        setproctitle.setproctitle(f"Globus Compute Endpoint *({mep.endpoint_id}, {config.name}) [broker]")
+        if not resumed:
+            try:
+                await mep.helper.title(mep.endpoint_id, config.name)
+            except InvalidRequest as e:
+                log.warning("the root helper's process title is left as it is", error=str(e))
         background = await self._start_background(resumed)
         if resumed:
             log.info("broker re-executed in place", pid=os.getpid(), user_endpoints=len(mep.uep))

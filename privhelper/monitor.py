@@ -2,7 +2,7 @@
 
     state        allowed input                       anything else
     await-hello  hello (within io_timeout)           fatal
-    ready        spawn, signal, ping                 fatal
+    ready        spawn, signal, ping, title          fatal
     (any)        a frame started must finish within io_timeout, else fatal
 
 Fatal: log why, close the connection, stop every UEP, let PAM sessions close, exit.
@@ -17,8 +17,8 @@ import time
 
 from protocol.errors import ProtocolError
 from protocol.session import CLOSED, NEED_DATA, HelperSession
-from protocol.messages import MAX_REASON, Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned
-from privhelper import child, log
+from protocol.messages import MAX_REASON, Exited, Hello, Ping, Pong, Refused, Signal, Signaled, Spawn, Spawned, Title
+from privhelper import child, linux, log
 from privhelper.authorize import Refusal, authorize
 
 _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -45,7 +45,8 @@ class Monitor:
         self.children: dict[int, SessionChild] = {}  # by session pid
         self.by_fd: dict[int, SessionChild] = {}  # by status pipe fd
         self.poller, self.deadline = select.poll(), None
-        self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: lambda msg: self.send(Pong(msg.req))}
+        self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: lambda msg: self.send(Pong(msg.req)),
+                         Title: self.do_title}
 
 
     def run(self) -> int:
@@ -125,6 +126,10 @@ class Monitor:
             return self.refuse(msg.req, "already-exited", f"UEP {msg.pid} of {target.account.name} has already exited")
         log.info("signal %s to UEP group %d of %s", msg.signal, msg.pid, target.account.name)
         self.send(Signaled(msg.req, msg.pid))
+
+    def do_title(self, msg: Title) -> None:
+        linux.set_title(f"Globus Compute Endpoint *({msg.endpoint_id}, {msg.name}) [root helper]")
+        self.send(Pong(msg.req))
 
     def do_spawn(self, msg: Spawn) -> None:
         live = list(self.children.values())

@@ -18,6 +18,8 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 REQ_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CODE_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 HEX64_RE = re.compile(r"[0-9a-f]{64}")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+TITLE_NAME_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no space: what `ps` shows untouched
 
 MAX_ENV_VARS = 64
 MAX_ENV_VALUE = 4096
@@ -149,6 +151,8 @@ Spawn = message("spawn", request=True, req=REQ, username=USERNAME, uid=Int(0, (1
                 name=Str(UEP_NAME_RE, 128, no_dotdot=True), env=Env(), stdin=Base64(MAX_STDIN), channels=Channels())
 Signal = message("signal", request=True, req=REQ, pid=PID, signal=Str(choices=SIGNALS))
 Ping = message("ping", request=True, req=REQ)
+Title = message("title", request=True, req=REQ, endpoint_id=Str(UUID_RE, 36), name=Str(TITLE_NAME_RE, 128),
+                doc="The helper's process title names the MEP, as the seed's `ps` recipe expects; answered with pong.")
 # replies and events, helper -> broker
 Spawned = message("spawned", req=REQ, pid=PID, channels=Channels(),
                   doc="The UEP has exec'd; the broker's ends of `channels` come with this frame (SCM_RIGHTS, CHANNELS order).")

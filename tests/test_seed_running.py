@@ -178,3 +178,47 @@ def test_start_log_to_console_and_debug_need_no_policy_edit(live, rigdir):
     bad = subprocess.run(rig.helper_cmd(mep.policy, "--launch", "--broker-flag", "--evil"), capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr  # no other flag gets through
+
+
+# -- "Process Tree Invariant": the seed's own recipe finds the MEP and its user endpoints ---------
+
+SEED_RECIPE = (r"""ps -eF --forest | perl -ne'if (/(\| +\| +)\\_ Globus Compute Endpoint \*/) { $pre = $1; """
+               r"""$pre =~ s/\|/\\|/g; print; while (<>) { last if !/$pre/; print}}'""")
+
+
+def test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep(live, accounts):
+    """The recipe matches a MEP two branches deep in the process forest (as in the seed's
+    example, under a login session); the test starts the MEP at such a place: three
+    levels of shells, each with a later sibling, then the root helper."""
+    mep = live(environment={"PROBE_ACTION": json.dumps({"sleep": 600})})
+    os.kill(mep.broker_pid(), signal.SIGTERM)
+    rig.reap(mep.proc, 30)
+    wrapper = subprocess.Popen(["bash", "-c", '( ( "$@"; : ) & sleep 600; ) & sleep 600 & wait', "forest",
+                                *rig.helper_cmd(mep.policy, "--launch")], stdout=mep.helper_log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: mep.output().count("consuming start commands") >= 2, what="the MEP in the forest")
+        [helper] = map(int, wait_for(lambda: rig.run("pgrep", "-s", str(wrapper.pid), "-u", "root", "-f",
+                                                     r"\[root helper\]", check=False).stdout.split(),
+                                     what="the root helper with its title"))
+        [broker] = [int(p) for p in rig.run("pgrep", "-P", str(helper), "-u", accounts.broker.pw_name,
+                                            check=False).stdout.split()]
+        for user in ("alice", "bob"):
+            mep.publish(mep.command(f"mept-{user}@example.org"))
+        ueps = wait_for(lambda: len(r := mep.reports_now()) == 2 and list(r), what="two UEPs")
+        title = f"Globus Compute Endpoint *({mep.endpoint_id}, {mep.dir.name})"
+
+        def shown():
+            out = subprocess.run(["sh", "-c", SEED_RECIPE], capture_output=True, text=True).stdout
+            return out if f"{title} [broker]" in out and all(f" {p} " in out for p in ueps) else None
+        lines = wait_for(shown, what="the recipe's output").splitlines()
+        assert lines[0].split()[:2] == ["root", str(helper)] and f"{title} [root helper]" in lines[0], lines
+        assert any(line.split()[1] == str(broker) and f"{title} [broker]" in line for line in lines), lines
+        for pid in ueps:  # the user endpoints, below the MEP in the recipe's output
+            assert any(line.split()[1] == str(pid) for line in lines), (pid, lines)
+        pstree = subprocess.run(["pstree", "-lsp", str(ueps[0])], capture_output=True, text=True).stdout
+        assert f"({helper})" in pstree, pstree  # the UEP's ancestors include the MEP's root pid
+    finally:
+        os.killpg(wrapper.pid, signal.SIGTERM)
+        rig.reap(wrapper, 30)
+        rig.wait_gone(list(mep.reports_now()), 10)
