@@ -24,6 +24,7 @@ from broker.config import MEPConfig
 from broker.helper_client import HelperClient, HelperGone, HelperRefused
 from broker.idmap import IdentityMapper
 from broker.registry import UEP, Registry, stdin_document
+from broker.batch_cleanup import BatchCleanup
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 16.0  # AMQP reconnect backoff: 1, 2, 4, 8, 16, 16 ... s between attempts
@@ -76,6 +77,7 @@ class MEP:
         self.amqp_lost_at, self.amqp_failures = None, 0  # while it reconnects: since when, attempts failed
         self.started = time.time()
         helper.on_exit = self.on_exit
+        self.batch = BatchCleanup(helper, log, lambda: load_user_environment(self.config.user_environment_path))
 
     # -- AMQP ------------------------------------------------------------------------
 
@@ -246,6 +248,7 @@ class MEP:
         if uep.audit_pipe is not None:
             self.audit.watch(uep.audit_pipe, uep)
         self.uep.add(uep)
+        self.batch.watch(uep, rendered.config)
         self.log.info("user endpoint started", pid=uep.pid, user=uep.username, uid=uep.uid, rule=mapped.rule,
                       **cmd.for_log())
 
@@ -298,13 +301,15 @@ class MEP:
     def on_exit(self, pid: int, status: int) -> None:
         uep = self.uep.remove(pid)
         if uep is None:
-            self.log.warning("exit of an unknown process", pid=pid, status=status)
+            if not self.batch.on_exit(pid, status):  # a batch job cleanup (broker/batch_cleanup.py)?
+                self.log.warning("exit of an unknown process", pid=pid, status=status)
             return
         uep.close_cred()
         if self.audit is not None and uep.audit_pipe is not None:
             self.audit.drain(uep.audit_pipe)
         self.log.info("user endpoint exited", pid=pid, status=status, user=uep.username, uep=uep.name,
                       uptime_s=round(uep.uptime(), 1))
+        self.batch.uep_exited(uep)  # cancel the batch jobs it left, as its user
         if uep.replay is not None and not self.stopping.is_set():
             self.log.info("replaying the start that arrived while it was running", uep=uep.name)
             self._spawn_task(self.serve_start(uep.replay, replayed=True))
@@ -335,5 +340,6 @@ class MEP:
         deadline = asyncio.get_running_loop().time() + grace
         while len(self.uep) and asyncio.get_running_loop().time() < deadline and not self.helper.closed.done():
             await asyncio.sleep(0.05)
+        await self.batch.finish(self)  # KILL the rest, so their batch jobs are cancelled before the helper goes
         for task in list(self._tasks):
             task.cancel()
