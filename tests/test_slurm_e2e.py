@@ -146,6 +146,9 @@ def test_a_sigkilled_uep_leaves_no_batch_job(service, mep, slurm):
 
 
 def test_a_nonexistent_partition_fails_the_future_with_slurms_reason(service, mep, slurm):
+    """Not a silent hang: the scheduler's refusal reaches the user's future. (Without an
+    accounting database this cluster takes any account, so the refused value is the
+    partition: docs/decisions.md, "The Slurm test cluster".)"""
     m = mep()
     body = """    try:
         ex.submit(where, 1).result(timeout=120)
@@ -153,5 +156,7 @@ def test_a_nonexistent_partition_fails_the_future_with_slurms_reason(service, me
     except Exception as e:
         print(json.dumps({"type": type(e).__name__, "error": str(e)}))"""
     out = run(service, m, ALICE, body, opts={"PARTITION": "nosuch"})
-    assert "Invalid partition name specified" in out["error"], out
+    # the UEP's engine fails the task with sbatch's own words (Parsl's BadStateException)
+    assert out["type"] == "TaskExecutionFailed", out
+    assert "sbatch: error: Batch job submission failed: Invalid partition name specified" in out["error"], out
     assert slurm.jobs() == []
