@@ -43,7 +43,6 @@ class BatchCleanup:
 
     def __init__(self, helper, log, environment: Callable[[], dict]):
         self.helper, self.log, self.environment = helper, log, environment
-        self.watched: dict[int, str] = {}  # pid of a UEP whose config names a batch provider -> its type
         self.running: dict[int, object] = {}  # pid of a cleanup process -> the UEP it cleans up after
         self._early: dict[int, int] = {}  # exits seen before their spawn's answer was handled: pid -> status
         self._tasks: set[asyncio.Task] = set()
@@ -53,12 +52,11 @@ class BatchCleanup:
     def watch(self, uep, config: dict) -> None:
         """Called when a UEP has started with the rendered `config`: remember it if its
         engine submits batch jobs."""
-        if (kind := batch_provider(config)) is not None:
-            self.watched[uep.pid] = kind
+        uep.batch = batch_provider(config)  # on the UEP record, so that a re-exec'd broker keeps it
 
     def uep_exited(self, uep) -> None:
         """Called from the MEP's exit handler: cancel, as uep's user, the jobs uep left."""
-        if self.watched.pop(uep.pid, None) is None:
+        if uep.batch is None:
             return
         self._idle.clear()
         task = asyncio.ensure_future(self._start(uep))
@@ -117,7 +115,7 @@ class BatchCleanup:
         """At the MEP's stop, after its grace period: KILL the UEPs still running (so that
         their exits, and so their cleanups, happen while the helper still serves us) and
         wait for every cleanup to end. UEPs without batch jobs are left to the helper."""
-        batch = [uep for uep in mep.uep if uep.pid in self.watched]
+        batch = [uep for uep in mep.uep if uep.batch is not None]
         for uep in batch:
             try:
                 await self.helper.signal(uep.pid, "KILL")
@@ -127,7 +125,7 @@ class BatchCleanup:
                 return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(u.pid in self.watched for u in batch) and loop.time() < deadline and not self.helper.closed.done():
+        while any(mep.uep.by_pid.get(u.pid) is u for u in batch) and loop.time() < deadline and not self.helper.closed.done():
             await asyncio.sleep(0.05)
         try:
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))

@@ -3,6 +3,7 @@ scancel, is tests/test_slurm_e2e.py): which UEPs get a cleanup, what the spawn a
 and an exit that arrives before its spawn's answer was handled."""
 
 import asyncio
+import json
 import types
 
 import pytest
@@ -61,11 +62,11 @@ def test_a_slurm_uep_that_exits_gets_one_cleanup_as_its_user(exit_first):
         helper, log = Helper(exit_first), Log()
         batch = BatchCleanup(helper, log, lambda: {"SLURM_CONF": "/x/slurm.conf"})
         helper.on_exit = lambda pid, status: batch.on_exit(pid, status) or log.lines.append(("warning", "unknown", {}))
-        local = uep(pid=7, name="local")
-        batch.watch(uep(), SLURM)
+        local, slurm = uep(pid=7, name="local"), uep()
+        batch.watch(slurm, SLURM)
         batch.watch(local, {"engine": {"type": "ThreadPoolEngine"}})
         batch.uep_exited(local)  # no provider: nothing to cancel
-        batch.uep_exited(uep())
+        batch.uep_exited(slurm)
         await asyncio.sleep(0)
         if not exit_first:
             await asyncio.sleep(0)
@@ -76,19 +77,19 @@ def test_a_slurm_uep_that_exits_gets_one_cleanup_as_its_user(exit_first):
     assert helper.spawns == [("jess", 1234, "ep-1", {"SLURM_CONF": "/x/slurm.conf", CLEANUP_ENV: "4242"}, b"", ())]
     events = [event for _, event, _ in log.lines]
     assert events == ["batch job cleanup started", "batch jobs of the user endpoint cancelled"]
-    assert batch.running == {} and batch.watched == {}
+    assert batch.running == {} and batch._early == {}
 
 
-def test_a_second_exit_of_the_same_uep_starts_nothing():
-    async def main():
-        helper = Helper()
-        batch = BatchCleanup(helper, Log(), dict)
-        batch.watch(uep(), SLURM)
-        batch.uep_exited(uep())
-        batch.uep_exited(uep())
-        await asyncio.sleep(0.01)
-        return helper
-    assert len(asyncio.run(main()).spawns) == 1
+def test_the_batch_mark_survives_a_broker_re_exec():
+    """broker/reexec.py carries each UEP as UEP.export() -> UEP.resume(): a UEP started
+    before a SIGHUP still gets its cleanup after it."""
+    from broker.commands import StartCommand
+    from broker.registry import UEP
+    before = UEP(name="ep-1", username="jess", uid=1234, pid=4242, endpoint_id="e", identity="i", enckey=b"k" * 44,
+                 cred_fd=None)
+    BatchCleanup(None, Log(), dict).watch(before, SLURM)
+    after = UEP.resume(json.loads(json.dumps(before.export())), StartCommand)
+    assert after.batch == before.batch == "SlurmProvider"
 
 
 def test_an_unknown_exit_is_not_taken_for_a_cleanup():

@@ -44,6 +44,9 @@ def service(rigdir):
 
 @pytest.fixture
 def mep(rigdir, service, slurm):
+    launcher = Path(__file__).resolve().parent.parent / "scripts" / "uep-start.sh"
+    assert Path(e2e_rig.UEP_PROGRAM).read_text() == launcher.read_text(), \
+        f"{e2e_rig.UEP_PROGRAM} is not this checkout's scripts/uep-start.sh (it tags batch jobs): run scripts/setup.sh"
     def start(**kw):
         # a UEP with a live block takes longer than this to end on TERM: the stop then KILLs it
         config = {"mu_child_ep_grace_period_s": 5, **kw.pop("config", {})}
