@@ -163,3 +163,16 @@ def test_a_nonexistent_partition_fails_the_future_with_slurms_reason(service, me
     assert out["type"] == "TaskExecutionFailed", out
     assert "sbatch: error: Batch job submission failed: Invalid partition name specified" in out["error"], out
     assert slurm.jobs() == []
+
+
+def test_a_uep_started_before_a_reload_still_leaves_no_batch_job(service, mep, slurm):
+    """SIGHUP re-execs the broker in place (broker/reexec.py); the mark that the UEP runs
+    Slurm jobs travels with its record, so its jobs are still cancelled after a SIGKILL."""
+    m = mep()
+    got = run(service, m, ALICE, RESULT)
+    [uep] = e2e_rig.uep_pids(m)
+    os.kill(m.broker_pid(), signal.SIGHUP)
+    mep_rig.wait_for(lambda: "broker re-executed in place" in m.output(), what="the re-exec")
+    assert [j["id"] for j in slurm.jobs("mept-alice")] == [got["job"]]
+    os.kill(uep, signal.SIGKILL)
+    assert no_jobs_of(slurm, "mept-alice", timeout=10), f"{slurm.jobs()}\n{m.output()[-3000:]}"
