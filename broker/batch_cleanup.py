@@ -6,9 +6,9 @@ cannot, and the job would run on until the worker pool's heartbeat limit or its 
 The process-tree invariant of the helper stops at the scheduler: the job's processes are
 the scheduler's children, not the UEP's.
 
-So, when a UEP whose rendered config names a Slurm provider exits, the broker asks the helper for one more spawn of the same program
-for the same user and the same UEP name, with CLEANUP_ENV set to the pid of the UEP that
-ended. The launcher (scripts/uep-start.sh, installed as mep-uep-start) sees it and, instead
+So, when a UEP whose rendered config names a Slurm provider exits, the broker asks the
+helper for one more spawn of the same program for the same user and the same UEP name,
+with CLEANUP_ENV set to the pid of the UEP that ended. The launcher (scripts/uep-start.sh, installed as mep-uep-start) sees it and, instead
 of starting an endpoint, runs `scancel --user=<self> --jobname=<tag>` as the user: every
 UEP it starts exports SBATCH_JOB_NAME=<tag> (`gc-uep.<pid>.<name>`), which sbatch gives
 as the name of every job that UEP submits. Nothing here or in the root helper reads
@@ -50,7 +50,7 @@ class BatchCleanup:
         self._idle.set()
 
     def watch(self, uep, config: dict) -> None:
-        """Called when a UEP has started with the rendered `config`: remember it if its
+        """Called when a UEP has started with the rendered `config`: mark it if its
         engine submits batch jobs."""
         uep.batch = batch_provider(config)  # on the UEP record, so that a re-exec'd broker keeps it
 
