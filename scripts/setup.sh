@@ -30,12 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian's munge and Slurm packages start their daemons through systemd where it runs; the
-# tests start their own (tests/slurm_rig.py), so a munge key is all the packages must leave.
-if [ ! -s /etc/munge/munge.key ]; then
-  say "creating the munge key"
-  (umask 077; dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none)
-  chown munge:munge /etc/munge/munge.key
-fi
+# tests start their own, with their own key and config in a temporary directory
+# (tests/slurm_rig.py), so nothing here configures Slurm.
 
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   say "starting RabbitMQ"
