@@ -29,6 +29,7 @@ from broker.helper_client import HelperClient, HelperGone, HelperRefused, Invali
 from broker.idmap import IdentityMapper
 from broker.journal import MAX_BEGUN, Journal, digest
 from broker.registry import UEP, Registry, stdin_document
+from broker.batch_cleanup import BatchCleanup
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 16.0  # AMQP reconnect backoff: 1, 2, 4, 8, 16, 16 ... s between attempts
@@ -99,6 +100,7 @@ class MEP:
         self.started = time.time()
         self.journal = Journal(config.conf_dir / "run" / "inflight.json", log)
         helper.on_exit = self.on_exit
+        self.batch = BatchCleanup(helper, log, lambda: load_user_environment(self.config.user_environment_path))
 
     # -- AMQP ------------------------------------------------------------------------
 
@@ -304,6 +306,7 @@ class MEP:
         if uep.audit_pipe is not None:
             self.audit.watch(uep.audit_pipe, uep)
         self.uep.add(uep)
+        self.batch.watch(uep, rendered.config)
         self.log.info(f"user endpoint started: Command process successfully forked for '{uep.username}' (Globus "
                       f"effective identity: {cmd.effective_identity}).", pid=uep.pid, user=uep.username, uid=uep.uid,
                       rule=mapped.rule, **cmd.for_log())
@@ -363,7 +366,8 @@ class MEP:
     def on_exit(self, pid: int, status: int) -> None:
         uep = self.uep.remove(pid)
         if uep is None:
-            self.log.warning("exit of an unknown process", pid=pid, status=status)
+            if not self.batch.on_exit(pid, status):  # a batch job cleanup (broker/batch_cleanup.py)?
+                self.log.warning("exit of an unknown process", pid=pid, status=status)
             return
         uep.close_cred()
         if self.audit is not None and uep.audit_pipe is not None:
@@ -373,6 +377,7 @@ class MEP:
         (self.log.info if status == 0 else self.log.warning)(
             f"user endpoint exited: {how} ({pid}) [{uep.name}]", pid=pid, status=status, user=uep.username,
             uep=uep.name, uptime_s=round(uep.uptime(), 1))
+        self.batch.uep_exited(uep)  # cancel the batch jobs it left, as its user
         if uep.replay is not None and not self.stopping.is_set():
             self.log.info("replaying the start that arrived while it was running", uep=uep.name)
             self._spawn_task(self.serve_start(uep.replay, replayed=True))
@@ -403,5 +408,6 @@ class MEP:
         deadline = asyncio.get_running_loop().time() + grace
         while len(self.uep) and asyncio.get_running_loop().time() < deadline and not self.helper.closed.done():
             await asyncio.sleep(0.05)
+        await self.batch.finish(self)  # KILL the rest, so their batch jobs are cancelled before the helper goes
         for task in list(self._tasks):
             task.cancel()

@@ -32,6 +32,7 @@ class UEP:
     started: float = attrs.field(factory=time.time)
     replay: object = None  # the last StartCommand that arrived while this UEP ran
     amqp_creds: dict | None = None  # the latest, for a notice when the MEP stops it
+    batch: str | None = None  # its batch provider, whose jobs are cancelled when it ends (broker/batch_cleanup.py)
 
     def uptime(self) -> float:
         return time.time() - self.started

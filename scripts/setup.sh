@@ -16,9 +16,11 @@ fi
 # Debian packages: the interpreter the helper runs on (outside /root, so users can reach
 # the UEP interpreter), PAM modules the tests use, runuser/setpriv, systemd tools for
 # socket activation and unit checks, RabbitMQ for the broker, strace (a lifetime test holds
-# a process inside a system call with it).
+# a process inside a system call with it). Versions are those of the Debian release's
+# package set (bookworm: Slurm 22.05.8, munge 0.5.15).
 pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps strace
-      gcc libc6-dev sudo)  # the last three for bench/: the static probe, and sudo as a baseline
+      gcc libc6-dev sudo  # these three for bench/: the static probe, and sudo as a baseline
+      slurmctld slurmd slurm-client munge)  # a single-node Slurm cluster for the batch tests (tests/slurm_rig.py)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -27,6 +29,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Debian's munge and Slurm packages start their daemons through systemd where it runs; the
+# tests start their own, with their own key and config in a temporary directory
+# (tests/slurm_rig.py), so nothing here configures Slurm.
 
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   say "starting RabbitMQ"

@@ -24,4 +24,19 @@ if [ -f "$pidfile" ]; then
 fi
 cd "$HOME" 2>/dev/null || cd /
 exec >>"$dir/endpoint.log" 2>&1
+# Batch jobs (broker/batch_cleanup.py, docs/decisions.md): every Slurm job this UEP submits
+# is named by this tag (sbatch reads SBATCH_JOB_NAME; it overrides the script's
+# --job-name). When the UEP has ended, the broker starts this launcher once more, as the
+# same user, with MEP_UEP_CLEANUP set to the pid of the UEP that ended; it then cancels
+# that UEP's jobs, as the user, and starts no endpoint.
+if [ -n "${MEP_UEP_CLEANUP:-}" ]; then
+  pid=$(printf %s "$MEP_UEP_CLEANUP" | tr -cd 0-9)
+  [ -n "$pid" ] || { echo "mep-uep-start: MEP_UEP_CLEANUP is not a pid" >&2; exit 64; }
+  command -v scancel >/dev/null 2>&1 || exit 0  # no Slurm here: no job to cancel
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) mep-uep-start: the user endpoint (pid $pid) has ended;" \
+       "cancelling its Slurm jobs (job name gc-uep.$pid.$2)"
+  exec timeout 60 scancel --user="$(id -un)" --jobname="gc-uep.$pid.$2"
+fi
+SBATCH_JOB_NAME="gc-uep.$$.$2"
+export SBATCH_JOB_NAME
 exec "$(dirname "$0")/globus-compute-endpoint" "$@"

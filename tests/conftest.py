@@ -11,7 +11,7 @@ import subprocess
 import aio_pika
 import pytest
 
-from tests import mep_rig, rig
+from tests import mep_rig, rig, slurm_rig
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -104,3 +104,26 @@ def rabbitmq():
 def live(rigdir):
     """Start LiveMEPs (tests/mep_rig.py); each is stopped and removed afterwards."""
     yield from mep_rig.many(lambda **kw: mep_rig.LiveMEP(rigdir, **kw))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The single-node Slurm cluster (tests/slurm_rig.py), up for the whole session.
+    Without Slurm or root it skips; under CI=true it fails instead."""
+    why = slurm_rig.available()
+    if why:
+        if IN_CI:
+            pytest.fail(f"{why}, and CI=true forbids skipping a test that needs Slurm")
+        pytest.skip(why)
+    cluster = slurm_rig.Cluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The cluster for one test; every job the test leaves is cancelled after it."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()

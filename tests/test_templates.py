@@ -187,3 +187,71 @@ def test_the_cluster_example_template_renders_a_config_the_real_uep_accepts(opts
         templates.render(examples / "user_config_template.hpc.yaml.j2", examples / "user_config_schema.hpc.json",
                          user_opts={**opts, "partition": "x; rm -rf /"}, user_runtime={}, mapped_identity=IDENTITY,
                          parent_config={}, high_assurance=False, allowed_functions=None)
+
+
+CHECK_BATCH_WITH_UEP = """
+import json, sys
+from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
+config = load_config_yaml(sys.stdin.read())
+engine = config.engine
+provider = engine.executor.provider
+print(json.dumps({"config": type(config).__name__, "engine": type(engine).__name__,
+                  "provider": type(provider).__name__, "launcher": type(provider.launcher).__name__,
+                  "queue": getattr(provider, "partition", None) or getattr(provider, "queue", None),
+                  "account": provider.account, "nodes_per_block": provider.nodes_per_block,
+                  "walltime": provider.walltime, "worker_init": provider.worker_init.strip(),
+                  "max_idletime": engine._job_status_kwargs["max_idletime"],
+                  "blocks": [provider.init_blocks, provider.min_blocks, provider.max_blocks],
+                  "display_name": config.display_name}))
+"""
+
+
+def render_example(kind: str, opts: dict) -> templates.Rendered:
+    examples = ROOT / "docs" / "examples"
+    return templates.render(examples / f"user_config_template.{kind}.yaml.j2", examples / f"user_config_schema.{kind}.json",
+                            user_opts=opts, user_runtime={}, mapped_identity=IDENTITY, parent_config={},
+                            high_assurance=False, allowed_functions=None)
+
+
+def load_with_uep(text: str) -> dict:
+    out = subprocess.run([UEP_PYTHON, "-I", "-c", CHECK_BATCH_WITH_UEP], input=text, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("kind, opts, expect", [
+    ("slurm", {"ACCOUNT_ID": "proj-7"},
+     {"provider": "SlurmProvider", "launcher": "SimpleLauncher", "queue": "debug", "account": "proj-7",
+      "nodes_per_block": 1, "walltime": "00:30:00", "worker_init": "", "max_idletime": 30,
+      "display_name": "Slurm - user jobs on the debug partition"}),
+    ("slurm", {"ACCOUNT_ID": "proj-7", "PARTITION": "short", "NODES_PER_BLOCK": 2, "WALLTIME": "01:00:00",
+               "WORKER_INIT_COMMAND": "module load x; source activate 'env'", "MAX_IDLETIME": 5},
+     {"provider": "SlurmProvider", "queue": "short", "nodes_per_block": 2, "walltime": "01:00:00",
+      "worker_init": "module load x; source activate 'env'", "max_idletime": 5,
+      "display_name": 'Slurm - user jobs on the "short" partition'}),
+    ("pbs", {"ACCOUNT_ID": "user_allocation_account_id", "NODES_PER_BLOCK": 2},
+     {"provider": "PBSProProvider", "launcher": "MpiExecLauncher", "queue": "debug-scaling",
+      "account": "user_allocation_account_id", "nodes_per_block": 2, "walltime": "1:00:00", "max_idletime": 30,
+      "display_name": "Polaris at ALCF - debug-scaling queue"}),
+])
+def test_the_batch_examples_render_configs_the_real_uep_accepts(kind, opts, expect):
+    """docs/examples' Slurm and PBS templates (the seed's Polaris form): rendered by the
+    broker, then parsed by the pinned UEP's own config parser, every user value in place."""
+    text = render_example(kind, opts).text
+    # the parser resolves the interface's address: Polaris's bond0 is not on this machine
+    got = load_with_uep(text.replace("ifname: bond0", "ifname: lo"))
+    assert got["config"] == "UserEndpointConfig" and got["engine"] == "GlobusComputeEngine"
+    assert got["blocks"] == [0, 0, 1]
+    assert {k: got[k] for k in expect} == expect
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_the_batch_examples_require_an_account_and_refuse_bad_values(kind):
+    with pytest.raises(TemplateRefused, match="'ACCOUNT_ID' is a required property"):
+        render_example(kind, {})
+    with pytest.raises(TemplateRefused, match="ACCOUNT_ID is invalid"):
+        render_example(kind, {"ACCOUNT_ID": "a\nb: c"})
+    with pytest.raises(TemplateRefused, match="NODES_PER_BLOCK is invalid"):
+        render_example(kind, {"ACCOUNT_ID": "p", "NODES_PER_BLOCK": 0})
+    with pytest.raises(TemplateRefused, match="Additional properties are not allowed"):
+        render_example(kind, {"ACCOUNT_ID": "p", "queue": "other"})
