@@ -32,6 +32,7 @@ from broker.registry import UEP, Registry, stdin_document
 from broker.batch_cleanup import BatchCleanup
 
 PREFETCH = 16  # commands in flight at once; each holds at most one helper request
+EARLY_EXIT_S = 60  # a UEP that fails within this time of its start gets its user a notice
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 16.0  # AMQP reconnect backoff: 1, 2, 4, 8, 16, 16 ... s between attempts
 STOPPED = ("The multi-user endpoint is shutting down and stopped this user endpoint; tasks not yet finished will not "
            "run. Submit them again once the endpoint is back, or contact its administrator.")
@@ -378,6 +379,11 @@ class MEP:
             f"user endpoint exited: {how} ({pid}) [{uep.name}]", pid=pid, status=status, user=uep.username,
             uep=uep.name, uptime_s=round(uep.uptime(), 1))
         self.batch.uep_exited(uep)  # cancel the batch jobs it left, as its user
+        if status != 0 and uep.uptime() < EARLY_EXIT_S and uep.amqp_creds and not self.stopping.is_set():
+            # it died before it could serve (a broken launcher, PATH, or config): its user must hear of it
+            self._spawn_task(self.notify({"amqp_creds": uep.amqp_creds, "name": uep.name}, notices.start_failed(
+                uep.username, f"the user endpoint process ended {uep.uptime():.0f} s after it started ({how}); its "
+                f"log is ~/.globus_compute/{uep.name}/endpoint.log on the endpoint's host"), who=uep.username))
         if uep.replay is not None and not self.stopping.is_set():
             self.log.info("replaying the start that arrived while it was running", uep=uep.name)
             self._spawn_task(self.serve_start(uep.replay, replayed=True))

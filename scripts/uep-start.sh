@@ -8,13 +8,17 @@
 # NAME was checked by the helper (no '/', no '..'). Installed by scripts/setup.sh.
 set -eu
 umask 077
+# The PATH we were given is the site's (user_environment.yaml may set it, as the seed's
+# wrapper trick does: `PATH: /usr/local/admin_scripts/`): it chooses the UEP program below
+# and is the UEP's. This script's own tools come from the system's directories.
+site_path=${PATH:-}
+PATH=/usr/bin:/bin
+export PATH
 [ "$#" -ge 2 ] || { echo "usage: $0 _start-user-endpoint NAME" >&2; exit 64; }
+here=$(dirname "$0")
 dir="${GLOBUS_COMPUTE_USER_DIR:-$HOME/.globus_compute}/$2"
 mkdir -p "$dir"
 export GLOBUS_COMPUTE_ENDPOINT_DIR="$dir" GLOBUS_COMPUTE_LOG_PATH="$dir/endpoint.log"  # as upstream's ensure_paths()
-# Parsl's GlobusComputeEngine starts process_worker_pool.py from this venv by name.
-PATH="$(dirname "$0"):${PATH:-/usr/bin:/bin}"
-export PATH
 # A pid file left by a UEP that was killed (SIGKILL leaves it behind) would make the new
 # one refuse to start for heartbeat_period * 3; a pid file whose process is gone is stale.
 pidfile="$dir/daemon.pid"
@@ -39,4 +43,23 @@ if [ -n "${MEP_UEP_CLEANUP:-}" ]; then
 fi
 SBATCH_JOB_NAME="gc-uep.$$.$2"
 export SBATCH_JOB_NAME
-exec "$(dirname "$0")/globus-compute-endpoint" "$@"
+# `debug: true` in the rendered config: the config between the seed's sentinel lines, in
+# this endpoint.log, where the seed's `sed -n "/Begin Compute/,/End Compute/p"` looks.
+# pread leaves stdin's offset where the UEP expects it.
+"$here/python3" -I -c '
+import json, os, sys, time, yaml
+config = json.loads(os.pread(0, 1 << 20, 0) or b"{}").get("config") or ""
+if "debug" in config and (yaml.safe_load(config) or {}).get("debug") is True:
+    lines = config.splitlines()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} DEBUG mep-uep-start Begin Compute endpoint configuration ({len(lines)} lines):")
+    print("".join(f"   {line}\n" for line in lines) + "End Compute endpoint configuration", flush=True)
+' || true
+# The UEP program: a site's own globus-compute-endpoint on the site's PATH (the seed's
+# wrapper trick), else the pinned one. Parsl's GlobusComputeEngine finds
+# process_worker_pool.py in this venv by name, so it is on the UEP's PATH too.
+program=$(PATH=$site_path command -v globus-compute-endpoint 2>/dev/null || true)
+case "$program" in /*) ;; *) program="$here/globus-compute-endpoint" ;; esac
+PATH="${site_path:+$site_path:}$here:/usr/bin:/bin"
+export PATH
+exec "$program" "$@"
