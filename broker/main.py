@@ -17,7 +17,9 @@ import socket
 import sys
 
 import attrs
-import setproctitle
+
+os.environ["SPT_NOENV"] = "1"  # setproctitle: the title fits in argv; the environment stays readable in /proc
+import setproctitle  # noqa: E402
 
 from broker import console, lock, logs, reexec, registration as registration_mod, tls
 from broker.admin import AdminError, AdminServer, socket_path
@@ -208,7 +210,8 @@ class Broker:
             log.info("broker re-executed in place", pid=os.getpid(), user_endpoints=len(mep.uep))
         else:
             log.info("broker started", uid=os.getuid(), pid=os.getpid(), endpoint_id=mep.endpoint_id,
-                     display_name=config.display_name, high_assurance=config.high_assurance)
+                     display_name=config.display_name, high_assurance=config.high_assurance,
+                     console=self.args.log_to_console, debug=self.args.debug)
         code = 0
         while True:
             try:

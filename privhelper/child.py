@@ -134,11 +134,13 @@ def _report(fd: int, line: str) -> None:
 _STOPS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def session_process(*, account, req, policy, child_fds, status_w, helper_pid) -> None:
+def session_process(*, account, req, policy, child_fds, status_w, helper_pid, title="") -> None:
     """Body of the per-UEP session process (root). Never returns."""
     code = 1
     try:
         os.setpgid(0, 0)  # out of the terminal's foreground group: Ctrl+C is for the helper, which asks the broker
+        if title:  # so that `ps` tells it from the helper it was forked from
+            linux.set_title(f"{title} [session of {account.name}]")
         follow_parent(helper_pid, signal.SIGTERM)
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # what the UEP orphans comes to us, not to init
         for sig in _STOPS:

@@ -32,8 +32,9 @@ class SessionChild:
     """The helper's record of one session process and the UEP it starts."""
 
     def __init__(self, pid: int, req: str, name: str, account, status_fd: int, broker_fds: list, channels: tuple):
-        self.pid, self.req, self.name, self.account, self.status_fd, self.broker_fds = pid, req, name, account, status_fd, broker_fds
-        self.channels, self.buf, self.uep_pid, self.answered, self.exit_code = channels, b"", None, False, None
+        self.pid, self.req, self.name, self.account, self.status_fd = pid, req, name, account, status_fd
+        self.broker_fds, self.channels, self.buf, self.uep_pid, self.answered, self.exit_code = \
+            broker_fds, channels, b"", None, False, None
 
 
 class Monitor:
@@ -41,6 +42,7 @@ class Monitor:
         self.conn, self.policy, self.broker_pid = conn, policy, broker_pid
         self.broker_status = 0  # launch mode: how the broker ended, which becomes the helper's exit code
         self.stopping = False  # launch mode: a stop signal was passed on to the broker
+        self.title = ""  # the MEP's process title, once the broker has said its endpoint id
         self.session = HelperSession(key, max_frame=policy.max_frame, pam=policy.pam.service if policy.pam.enabled else "")
         self.children: dict[int, SessionChild] = {}  # by session pid
         self.by_fd: dict[int, SessionChild] = {}  # by status pipe fd
@@ -128,7 +130,8 @@ class Monitor:
         self.send(Signaled(msg.req, msg.pid))
 
     def do_title(self, msg: Title) -> None:
-        linux.set_title(f"Globus Compute Endpoint *({msg.endpoint_id}, {msg.name}) [root helper]")
+        self.title = f"Globus Compute Endpoint *({msg.endpoint_id}, {msg.name})"
+        linux.set_title(f"{self.title} [root helper]")
         self.send(Pong(msg.req))
 
     def do_spawn(self, msg: Spawn) -> None:
@@ -154,7 +157,7 @@ class Monitor:
             for fd in [status_r, self.conn.fileno(), self.wake_r, *broker_fds, *self.by_fd]:
                 os.close(fd)
             child.session_process(account=account, req=msg, policy=self.policy, child_fds=child_fds,
-                                  status_w=status_w, helper_pid=os.getppid())
+                                  status_w=status_w, helper_pid=os.getppid(), title=self.title)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for fd in [status_w, *child_fds.values()]:
             os.close(fd)

@@ -169,9 +169,8 @@ def test_start_log_to_console_and_debug_need_no_policy_edit(live, rigdir):
     mep.proc = subprocess.Popen(rig.helper_cmd(mep.policy, "--launch", "--broker-log-to-console", "--broker-debug"),
                                 stdin=subprocess.DEVNULL, stdout=mep.helper_log, stderr=subprocess.STDOUT)
     wait_for(lambda: mep.output().count("consuming start commands") >= 2, what="the broker with the flags")
-    with open(f"/proc/{mep.broker_pid()}/cmdline", "rb") as f:
-        argv = f.read().split(b"\0")
-    assert argv[-3:] == [b"--log-to-console", b"--debug", b""], argv
+    started = [line for line in mep.output().splitlines() if "broker started" in line][-1]
+    assert "console=True" in started and "debug=True" in started, started
     assert f"========== Endpoint Manager begins: {mep.endpoint_id}" in mep.output()
     assert f">>> Multi-User Endpoint ID: {mep.endpoint_id} <<<" in mep.output()
     assert mep.policy.read_text() == policy_text
@@ -214,6 +213,8 @@ def test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep(live, ac
         lines = wait_for(shown, what="the recipe's output").splitlines()
         assert lines[0].split()[:2] == ["root", str(helper)] and f"{title} [root helper]" in lines[0], lines
         assert any(line.split()[1] == str(broker) and f"{title} [broker]" in line for line in lines), lines
+        for user in ("mept-alice", "mept-bob"):  # each UEP's root session process, told apart from the helper
+            assert any(line.startswith("root ") and f"{title} [session of {user}]" in line for line in lines), lines
         for pid in ueps:  # the user endpoints, below the MEP in the recipe's output
             assert any(line.split()[1] == str(pid) for line in lines), (pid, lines)
         pstree = subprocess.run(["pstree", "-lsp", str(ueps[0])], capture_output=True, text=True).stdout
