@@ -11,7 +11,7 @@ import subprocess
 import aio_pika
 import pytest
 
-from tests import mep_rig, rig, slurm_rig
+from tests import e2e_rig, mep_rig, rig, slurm_rig
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -98,6 +98,20 @@ def rabbitmq():
         asyncio.run(ping())
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"RabbitMQ is not reachable at 127.0.0.1:5672 ({e!r}); start it with `rabbitmq-server -detached`")
+
+
+@pytest.fixture
+def service(rigdir):
+    """The local compute service on :5000 (tests/e2e_rig.py), stopped afterwards."""
+    svc = e2e_rig.LocalService(rigdir)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def mep(rigdir, service):
+    """Start MEPs that register with `service` and run the real UEP (e2e_rig.live_mep)."""
+    yield from mep_rig.many(lambda **kw: e2e_rig.live_mep(rigdir, service, **kw))
 
 
 @pytest.fixture

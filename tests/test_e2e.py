@@ -27,18 +27,6 @@ def whoami(x):
 """
 
 
-@pytest.fixture
-def service(rigdir):
-    svc = e2e_rig.LocalService(rigdir)
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture
-def mep(rigdir, service):
-    yield from mep_rig.many(lambda **kw: e2e_rig.live_mep(rigdir, service, **kw))
-
-
 def run(service, m, user, body: str) -> dict:
     """Run `body` (indented, inside `with Executor(...) as ex:`) as `user`; it prints JSON."""
     script = WHOAMI + f"""

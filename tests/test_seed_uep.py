@@ -11,7 +11,6 @@ service and the real globus-compute-endpoint UEP:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import secrets
@@ -19,7 +18,7 @@ import subprocess
 
 import pytest
 
-from tests import e2e_rig, mep_rig, rig
+from tests import e2e_rig, rig
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 WHOAMI = """
@@ -34,18 +33,6 @@ with Executor(endpoint_id={eid!r}, client=client) as ex:
     except Exception as e:
         print(json.dumps({{"error": str(e)}}))
 """
-
-
-@pytest.fixture
-def service(rigdir):
-    svc = e2e_rig.LocalService(rigdir)
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture
-def mep(rigdir, service):
-    yield from mep_rig.many(lambda **kw: e2e_rig.live_mep(rigdir, service, **kw))
 
 
 @pytest.fixture

@@ -36,13 +36,6 @@ def where(x):
 
 
 @pytest.fixture
-def service(rigdir):
-    svc = e2e_rig.LocalService(rigdir)
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture
 def mep(rigdir, service, slurm):
     launcher = Path(__file__).resolve().parent.parent / "scripts" / "uep-start.sh"
     assert Path(e2e_rig.UEP_PROGRAM).read_text() == launcher.read_text(), \
