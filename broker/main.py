@@ -18,7 +18,7 @@ import sys
 
 import attrs
 
-from broker import console, logs, reexec, registration as registration_mod
+from broker import console, heartbeat as heartbeat_mod, logs, reexec, registration as registration_mod
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
@@ -54,14 +54,15 @@ class Setup:
     key: bytes
 
 
-def read_setup(args, log, register: bool = True, config: MEPConfig | None = None) -> Setup:
+def read_setup(args, log, register: bool = True, config: MEPConfig | None = None,
+               registration: dict | None = None) -> Setup:
     """Raises one of SETUP_ERRORS, each naming the file or the service. Without
-    `register`, the endpoint id is read from disk and the service is not asked."""
+    `register`, the endpoint id is read from disk and the service is not asked; with
+    `registration` (a re-exec'd image, or one obtained already), it is used."""
     config = config or load_config(args.conf_dir)
-    if register:
-        registration = registration_mod.obtain(config, log)
-    else:
-        registration = {"endpoint_id": registration_mod.peek(config)}
+    if registration is None:
+        registration = registration_mod.obtain(config, log) if register else {
+            "endpoint_id": registration_mod.peek(config)}
     idmap = IdentityMapper(config.identity_mapping_config_path, str(registration["endpoint_id"]), log)
     return Setup(config, registration, idmap, pathlib.Path(args.key).read_bytes())
 
@@ -84,15 +85,15 @@ def reload_problem(args, running: Setup, log) -> str | None:
     return None
 
 
-def connect_helper(args, setup: Setup, state: dict | None):
+def connect_helper(args, key: bytes, state: dict | None):
     if state is not None:  # a re-exec'd image: go on with the authenticated session
-        session = BrokerSession.resume(setup.key, **state["session"])
-        return HelperClient(socket.socket(fileno=state["helper_fd"]), setup.key, session=session)
+        session = BrokerSession.resume(key, **state["session"])
+        return HelperClient(socket.socket(fileno=state["helper_fd"]), key, session=session)
     if args.helper_socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(args.helper_socket)
-        return HelperClient(sock, setup.key)
-    return HelperClient(socket.socket(fileno=int(os.environ.pop(reexec.HELPER_ENV))), setup.key)
+        return HelperClient(sock, key)
+    return HelperClient(socket.socket(fileno=int(os.environ.pop(reexec.HELPER_ENV))), key)
 
 
 def restore(mep: MEP, state: dict) -> None:
@@ -118,7 +119,20 @@ async def run(args) -> int:
         logs.get().error("cannot write endpoint.log; logging to stderr only", error=str(e))
     log = logs.get().bind(mep=config.name)
     try:
-        setup = read_setup(args, log, config=config)
+        key = pathlib.Path(args.key).read_bytes()
+    except OSError as e:
+        log.error("cannot start", error=f"({type(e).__name__}) {e}")
+        return EX_CONFIG
+    # the helper first: it waits only io_timeout for the hello, and registering may have
+    # to wait for Globus (broker/registration.py: obtain_retrying)
+    helper = connect_helper(args, key, state)
+    await helper.ready
+    try:
+        registration = state.get("registration") if state is not None else None
+        if registration is None:
+            read_setup(args, log, register=False, config=config)  # a broken config stops here, before Globus
+            registration = await registration_mod.obtain_retrying(config, log)
+        setup = read_setup(args, log, config=config, registration=registration)
     except SETUP_ERRORS as e:
         log.error("cannot start", error=f"({type(e).__name__}) {e}")
         return EX_CONFIG
@@ -131,8 +145,6 @@ async def run(args) -> int:
             log.error("cannot open the audit log; a high-assurance MEP does not start without it",
                       path=str(setup.config.audit_log_path), error=e.strerror)
             return EX_CONFIG
-    helper = connect_helper(args, setup, state)
-    await helper.ready
     mep = MEP(setup.config, setup.registration, helper, setup.idmap, log, audit)
     if state is not None:
         restore(mep, state)  # before the loop runs again: an `exited` may be waiting
@@ -145,6 +157,7 @@ class Broker:
     def __init__(self, args, setup: Setup, mep: MEP, log):
         self.args, self.setup, self.mep, self.log = args, setup, mep, log
         self.admin = AdminServer(socket_path(setup.config.conf_dir), mep, log, self.request_reload)
+        self.heartbeat = heartbeat_mod.Heartbeat(mep.registration, heartbeat_mod.period(setup.config), log)
 
     def request_reload(self, by: str) -> str | None:
         """Check the configuration on disk; if it is usable, have serve() return for a
@@ -181,6 +194,10 @@ class Broker:
             except Exception as e:  # noqa: BLE001 - say why, then stop every UEP below
                 log.exception("broker failed", error=str(e))
                 code, reason = EX_UNAVAILABLE, "failed"
+            if reason == "reregister":  # RabbitMQ refused the account: fresh credentials from the service
+                if not await self.reregister():
+                    break
+                continue
             if reason != "reload":
                 break
             await self.restart_in_place(background)  # returns only if it could not
@@ -192,12 +209,34 @@ class Broker:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await self.heartbeat.final()
         self.admin.close()
         if mep.audit is not None:
             mep.audit.close()
         mep.helper.close()
         log.info("broker stopped", code=code)
         return code
+
+    async def reregister(self) -> bool:
+        """Register again (same id, new AMQP credentials), with backoff; False if a stop
+        came meanwhile or the registration cannot be used."""
+        mep, log = self.mep, self.log
+        mep.reregister.clear()
+        log.warning("RabbitMQ refused the MEP's AMQP credentials; registering again for new ones")
+        try:
+            registration = await registration_mod.obtain_retrying(self.setup.config, log, mep.stopping)
+        except SETUP_ERRORS as e:
+            log.error("cannot register again; stopping", error=f"({type(e).__name__}) {e}")
+            return False
+        if registration is None:
+            return False
+        if str(registration["endpoint_id"]) != mep.endpoint_id:
+            log.error("the service gave another endpoint id; stopping", expected=mep.endpoint_id,
+                      received=str(registration["endpoint_id"]))
+            return False
+        mep.registration = self.heartbeat.registration = registration
+        self.setup = attrs.evolve(self.setup, registration=registration)
+        return True
 
     async def restart_in_place(self, background: list) -> None:
         """Exec a fresh broker image (same pid); returns only if that could not happen."""
@@ -226,7 +265,7 @@ class Broker:
         except (AdminError, OSError) as e:
             self.log.error("no admin socket; mepctl cannot reach this broker (it serves users regardless)",
                            error=str(e))
-        background = [asyncio.ensure_future(self.mep.idmap.watch())]
+        background = [asyncio.ensure_future(self.mep.idmap.watch()), asyncio.ensure_future(self.heartbeat.run())]
         if sys.stderr.isatty():
             if not resumed:
                 print(console.banner(self.mep.endpoint_id), file=sys.stderr)

@@ -178,14 +178,15 @@ def test_reload_keeps_old_mapping_on_invalid_missing_and_unreadable(tmp_path):
     assert [level for level, _ in log.lines] == ["error", "error", "info"]
 
 
-def test_registration_needs_a_service_and_a_token_and_says_where(tmp_path):
+def test_registration_needs_a_credential_and_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_ID", raising=False)
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_SECRET", raising=False)
     cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"))
-    with pytest.raises(registration.RegistrationError, match="no service to register with: set compute_service_url"):
-        registration.obtain(cfg, None)
+    assert registration.service_url(cfg) == "https://compute.api.globus.org"  # upstream's default: production
     cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
                                           "local_compute_services: true\n"))
     assert registration.service_url(cfg) == "http://localhost:5000"
-    with pytest.raises(registration.RegistrationError, match="compute_service_token_file is required"):
+    with pytest.raises(registration.CredentialRefused, match=f"run `mepctl login {tmp_path.name}` as root"):
         registration.obtain(cfg, None)
     (tmp_path / "registration.json").write_text(json.dumps({"endpoint_id": "e", "command_queue_info": {"queue": "q"}}))
     with pytest.raises(registration.RegistrationError, match="command_queue_info needs connection_url and queue"):
