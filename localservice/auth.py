@@ -200,6 +200,7 @@ class AuthService:
             if held is None or held[0].revoked or held[0].client_id != client_id:
                 raise AuthError(400, "invalid_grant", "unknown or revoked refresh token")
             grant, rs = held
+            log.info("refresh_token: %s via client %s (%s)", grant.identity_set[0]["username"], client_id, rs)
             out = self._token(grant, rs)
             out["refresh_token"] = form["refresh_token"]
             return {**out, "other_tokens": []}

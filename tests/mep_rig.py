@@ -144,7 +144,7 @@ def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
 class LiveMEP:
     def __init__(self, rigdir: rig.RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
                  schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False,
-                 registration: bool = True, durable: bool = False):
+                 registration: bool = True, durable: bool = False, wait: bool = True):
         self.rigdir, self.accounts = rigdir, rigdir.accounts
         self.tag = secrets.token_hex(4)
         self.dir = rigdir.path / f"mep-{self.tag}"
@@ -190,19 +190,23 @@ class LiveMEP:
         finally:
             if tty:
                 os.close(out)
+        if not wait:  # the test watches the start itself
+            return
         wait_for(lambda: "consuming start commands" in self.output() or self.proc.poll() is not None,
                  what="the broker to consume")
         if self.proc.poll() is not None:
             asyncio.run(_delete(*self.queues))  # a MEP that did not start leaves no queue behind
             raise AssertionError(f"MEP ended at start:\n{self.output()}")
 
-    def relaunch(self) -> None:
+    def relaunch(self, wait: bool = True) -> None:
         """Start a new helper and broker on the same directory and command queue, after the
         last one ended (what an init system's restart does)."""
         assert self.proc.poll() is not None, "the MEP is still running"
         starts = self.output().count("consuming start commands")
         self.helper_log = open(self.helper_log_path, "a")
         self.proc = self.launch(self.helper_log)
+        if not wait:
+            return
         wait_for(lambda: self.output().count("consuming start commands") > starts or self.proc.poll() is not None,
                  what="the relaunched broker to consume")
         assert self.proc.poll() is None, f"the relaunched MEP ended:\n{self.output()}"
