@@ -194,6 +194,21 @@ def test_registration_needs_a_credential_and_says_what_to_run(tmp_path, monkeypa
     assert registration.peek(cfg) == "e"
 
 
+def test_environment_selects_the_services_and_the_token_namespace(tmp_path, monkeypatch):
+    from broker import globus_login
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "6f6b2e5c-0f83-4f0b-9d5e-0d8c3a1f7e11")
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", "s")
+    monkeypatch.delenv("GLOBUS_SDK_SERVICE_URL_AUTH", raising=False)
+    cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
+                                          "environment: sandbox\n"))
+    assert registration.service_url(cfg) == "https://compute.api.sandbox.globuscs.info"  # upstream's table
+    app = globus_login.make_app(cfg)
+    assert app.config.environment == "sandbox" and app._login_client.base_url.startswith("https://auth.sandbox.")
+    assert app.token_storage.token_storage.namespace == "clientprofile/sandbox/6f6b2e5c-0f83-4f0b-9d5e-0d8c3a1f7e11"
+    assert registration.update_url_port("amqps://u:p@h.example:5671/v", 443) == "amqps://u:p@h.example:443/v"
+    assert registration.update_url_port("amqps://u:p@h.example/v", 443) == "amqps://u:p@h.example:443/v"
+
+
 def test_amqp_reconnect_backs_off_to_a_ceiling():
     from broker.mep import RECONNECT_MAX_S, reconnect_delay
     delays = [reconnect_delay(n) for n in range(1, 10)]

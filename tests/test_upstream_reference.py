@@ -83,6 +83,7 @@ def test_upstream_mep_runs_a_task_end_to_end_against_the_local_service(service, 
         assert f"client_credentials: client {mep.client_id}" in service.output()
         (registration,) = service.get(f"/v3/endpoints/{endpoint_id}/registrations")
         assert registration["identity"] == mep.client_id
+        same_as_ours(mep, registration)
         beats = mep_rig.wait_for(lambda: status(service, endpoint_id)["heartbeats"] or None, 30,
                                  what="upstream's first heartbeat")
         assert beats[0]["global_state"] == {"heartbeat_period": 5.0}
@@ -100,6 +101,28 @@ with Executor(endpoint_id={endpoint_id!r}, client=client) as ex:
     final = mep_rig.wait_for(lambda: (b := status(service, endpoint_id)["heartbeats"])[-1]["global_state"]
                              ["heartbeat_period"] == 0 and b[-1], 15, what="upstream's final heartbeat")
     assert final["global_state"] == {"heartbeat_period": 0}  # upstream's last word at stop
+
+
+def same_as_ours(mep, registration) -> None:
+    """What our broker would send for the same files is what upstream sent: the body's
+    keys, the metadata (but the local account: root there, the broker account here) and
+    the User-Agent."""
+    import types
+
+    import globus_sdk
+    from globus_compute_common.sdk_version_sharing import user_agent_substring
+
+    from broker import registration as ours
+    config = types.SimpleNamespace(
+        conf_dir=mep.dir, name=NAME, display_name="upstream reference", allowed_functions=None,
+        authentication_policy=None, subscription_id=None, public=False, high_assurance=False, admins=(),
+        user_config_template_path=mep.dir / "user_config_template.yaml.j2",
+        user_config_schema_path=mep.dir / "user_config_schema.json")
+    body, upstream = ours.body(config), registration["body"]
+    assert sorted(body) == sorted(upstream), (body, upstream)
+    assert {k: v for k, v in body.items() if k != "metadata"} == {k: v for k, v in upstream.items() if k != "metadata"}
+    assert {**body["metadata"], "local_user": "root"} == upstream["metadata"]
+    assert registration["user_agent"] == f"globus-sdk-py-{globus_sdk.__version__}/{user_agent_substring(ours.SDK_VERSION)}"
 
 
 def status(service, endpoint_id):
