@@ -194,6 +194,46 @@ def test_registration_needs_a_credential_and_says_what_to_run(tmp_path, monkeypa
     assert registration.peek(cfg) == "e"
 
 
+def test_a_reply_with_another_endpoint_id_is_refused(tmp_path):
+    """As upstream: "mismatched endpoint id". The service here is a plain HTTP server that
+    answers every PUT with another id (what a confused or hostile service would do); the
+    saved id stays."""
+    import http.server
+    import threading
+    mine, other = "0f5d1c3e-8a4b-4c2d-9e6f-7a8b9c0d1e2f", "11111111-2222-4333-8444-555555555555"
+    info = {"connection_url": "amqp://u:p@127.0.0.1:5672/", "queue": "q",
+            "queue_publish_kwargs": {"exchange": "x", "routing_key": "r"}}
+
+    class Service(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"endpoint_id": other, "command_queue_info": info, "heartbeat_queue_info": info}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "token").write_text("t")
+        cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
+                                              f"compute_service_url: http://127.0.0.1:{server.server_port}\n"
+                                              "compute_service_token_file: token\n"))
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "endpoint.json").write_text(json.dumps({"endpoint_id": mine}))
+        with pytest.raises(registration.RegistrationError,
+                           match=f"mismatched endpoint id. Expected: {mine}, received: {other}") as e:
+            registration.obtain(cfg, None)
+        assert not isinstance(e.value, registration.Retryable)  # a start ends here: retrying gives the same reply
+        assert registration.peek(cfg) == mine
+    finally:
+        server.shutdown()
+
+
 def test_environment_selects_the_services_and_the_token_namespace(tmp_path, monkeypatch):
     from broker import globus_login
     monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "6f6b2e5c-0f83-4f0b-9d5e-0d8c3a1f7e11")
