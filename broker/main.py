@@ -15,6 +15,7 @@ import pathlib
 import signal
 import socket
 import sys
+import time
 
 import attrs
 
@@ -31,6 +32,7 @@ from broker.session import BrokerSession
 
 EX_SOFTWARE, EX_CONFIG, EX_UNAVAILABLE = 70, 78, 69
 QUIESCE_S = 30  # a reload waits this long for helper requests in flight, else it is postponed
+REREGISTER_CALM_S = 60  # re-registrations closer together than this back off (registration.first_delay)
 
 
 def parse_args(argv):
@@ -158,6 +160,7 @@ class Broker:
         self.args, self.setup, self.mep, self.log = args, setup, mep, log
         self.admin = AdminServer(socket_path(setup.config.conf_dir), mep, log, self.request_reload)
         self.heartbeat = heartbeat_mod.Heartbeat(mep.registration, heartbeat_mod.period(setup.config), log)
+        self._reregistered_at, self._reregistrations = float("-inf"), 0
 
     def request_reload(self, by: str) -> str | None:
         """Check the configuration on disk; if it is usable, have serve() return for a
@@ -222,7 +225,18 @@ class Broker:
         came meanwhile or the registration cannot be used."""
         mep, log = self.mep, self.log
         mep.reregister.clear()
-        log.warning("RabbitMQ refused the MEP's AMQP credentials; registering again for new ones")
+        # a service that keeps handing out refused credentials must not get a tight loop
+        recent = time.monotonic() - self._reregistered_at < REREGISTER_CALM_S
+        self._reregistrations = self._reregistrations + 1 if recent else 1
+        delay = registration_mod.first_delay(self._reregistrations - 1) if self._reregistrations > 1 else 0
+        log.warning("RabbitMQ refused the MEP's AMQP credentials; registering again for new ones", wait_s=delay)
+        if delay:
+            try:
+                await asyncio.wait_for(mep.stopping.wait(), delay)
+                return False
+            except asyncio.TimeoutError:
+                pass
+        self._reregistered_at = time.monotonic()
         try:
             registration = await registration_mod.obtain_retrying(self.setup.config, log, mep.stopping)
         except SETUP_ERRORS as e:
