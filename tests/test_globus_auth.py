@@ -13,11 +13,13 @@ import stat
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
 
-from tests import e2e_rig, mep_rig, rig
+from broker import globus_login
+from tests import e2e_rig, mep_rig
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -162,6 +164,18 @@ def test_mepctl_login_completes_with_a_code_and_the_broker_renews_the_tokens(ser
     assert os.stat(m.dir / "run" / "globus_tokens.json").st_mtime > tokens.st_mtime
     assert [r["identity"] for r in registrations(service, m)] == [admin, admin]
     assert run_whoami(service, m) == {"user": "mept-alice", "x": 42}
+
+    # the user revokes the login (as at app.globus.org/account/consents): the next start says what to run
+    stored = json.loads((m.dir / "run" / "globus_tokens.json").read_text())["data"]["user/production"]
+    for data in stored.values():
+        form = urllib.parse.urlencode({"token": data["refresh_token"], "client_id": globus_login.NATIVE_CLIENT_ID})
+        urllib.request.urlopen(service.url + "/v2/oauth2/token/revoke", data=form.encode(), timeout=10).read()
+    time.sleep(EXPIRED_S)
+    m.stop()
+    m.relaunch(wait=False)
+    out = wait_log(m, "Globus Auth refused the stored login")
+    assert f"run `mepctl login {m.dir.name}` as root" in out.split("Globus Auth refused the stored login")[1]
+    assert m.proc.poll() is None
 
 
 def test_heartbeats_arrive_every_period_and_a_last_one_at_stop(service, mep):
