@@ -120,6 +120,20 @@ def has_login(config) -> bool:
         return False
 
 
+def forget_client_tokens(config) -> None:
+    """After the service refused a ClientApp's token (revoked before it expired): drop
+    it, so the next attempt gets a new one, or Auth's clear refusal. A user's login is
+    kept: its refresh token is the only way back without `mepctl login`."""
+    try:
+        creds = client_credentials(config)
+    except LoginError:
+        return
+    if creds:
+        storage = JSONTokenStorage(token_file(config), namespace=f"clientprofile/{environment(config)}/{creds[0]}")
+        for resource_server in SCOPES:
+            storage.remove_token_data(resource_server)
+
+
 def describe_refusal(config, error: globus_sdk.GlobusAPIError) -> str:
     """What Auth's refusal means for this MEP, and what to run."""
     creds = client_credentials(config)

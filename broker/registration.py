@@ -28,13 +28,11 @@ import urllib.parse
 
 import globus_sdk
 from globus_compute_common.sdk_version_sharing import user_agent_substring
-from globus_compute_sdk.sdk._environments import get_web_service_url
 
 from broker import globus_login
 
 STATIC = "registration.json"
 ENDPOINT_FILE = "endpoint.json"
-LOCAL_SERVICE = "http://localhost:5000"
 
 
 class RegistrationError(Exception):
@@ -51,12 +49,20 @@ class CredentialRefused(Retryable):
 
 
 SDK_VERSION = importlib.metadata.version("globus-compute-sdk")  # the UEP's pinned version, and the protocol's
+# globus_compute_sdk.sdk._environments.get_web_service_url (4.19), copied: importing the SDK
+# starts a thread (its executor's atexit watcher) that would take a SIGHUP the main thread
+# blocks across a re-exec (broker/reexec.py), losing that reload
+SERVICE_URLS = {"production": "https://compute.api.globus.org", "preview": "https://compute.api.preview.globus.org",
+                "dev": "https://api.dev.funcx.org", "local": "http://localhost:5000",
+                **{e: f"https://compute.api.{e}.globuscs.info" for e in ("sandbox", "test", "integration", "staging")}}
 
 
 def service_url(config) -> str:
     if config.compute_service_url:
         return config.compute_service_url
-    return get_web_service_url("local" if config.local_compute_services else (config.environment or None))
+    env = "local" if config.local_compute_services else (config.environment or os.environ.get("GLOBUS_SDK_ENVIRONMENT")
+                                                          or "production")
+    return SERVICE_URLS.get(env, SERVICE_URLS["production"])
 
 
 def check(data: dict, where: str, heartbeat: bool = False) -> dict:
@@ -154,7 +160,9 @@ def obtain(config, log) -> dict:
     except globus_sdk.GlobusAPIError as e:
         msg = f"{url} refused the registration: HTTP {e.http_status} {e.code}: {e.message}"
         if e.http_status in (401, 403):
-            raise CredentialRefused(msg + (f"; check compute_service_token_file" if config.compute_service_token_file
+            if e.http_status == 401:
+                globus_login.forget_client_tokens(config)  # the next attempt asks Auth afresh
+            raise CredentialRefused(msg + ("; check compute_service_token_file" if config.compute_service_token_file
                                            else f"; run `mepctl login {config.name}` or check the client "
                                            "credentials")) from None
         raise (RegistrationError if e.http_status in (400, 404, 409, 422, 423) else Retryable)(msg) from None
@@ -196,7 +204,7 @@ async def obtain_retrying(config, log, stopping=None) -> dict | None:
     failures = 0
     while True:
         try:
-            return await asyncio.to_thread(obtain, config, log)
+            return await _in_a_quiet_thread(obtain, config, log)
         except Retryable as e:
             failures += 1
             delay = first_delay(failures)
@@ -210,6 +218,22 @@ async def obtain_retrying(config, log, stopping=None) -> dict | None:
                 return None
             except asyncio.TimeoutError:
                 pass
+
+
+async def _in_a_quiet_thread(fn, *args):
+    """globus-sdk is synchronous; run it in a thread of its own that blocks every signal
+    and is gone afterwards. A thread left with SIGHUP unblocked would take a SIGHUP that
+    arrives while the main thread blocks it across a re-exec (broker/reexec.py), and
+    that reload would be lost."""
+    import asyncio
+    import concurrent.futures
+    import signal
+    pool = concurrent.futures.ThreadPoolExecutor(
+        1, "registration", initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, signal.valid_signals()))
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    finally:
+        pool.shutdown(wait=True)
 
 
 def amqp_credentials_refused(exc) -> bool:

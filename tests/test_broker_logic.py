@@ -2,6 +2,7 @@
 seed's examples), failure notice bytes."""
 
 import json
+import pathlib
 import time
 import uuid
 
@@ -247,6 +248,17 @@ def test_environment_selects_the_services_and_the_token_namespace(tmp_path, monk
     assert app.token_storage.token_storage.namespace == "clientprofile/sandbox/6f6b2e5c-0f83-4f0b-9d5e-0d8c3a1f7e11"
     assert registration.update_url_port("amqps://u:p@h.example:5671/v", 443) == "amqps://u:p@h.example:443/v"
     assert registration.update_url_port("amqps://u:p@h.example/v", 443) == "amqps://u:p@h.example:443/v"
+
+
+def test_the_broker_starts_no_thread_at_import():
+    """A thread with SIGHUP unblocked takes a SIGHUP that the main thread holds across a
+    re-exec, and that reload is lost (importing globus_compute_sdk starts one)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); import broker.main; "
+                          "print(len(os.listdir('/proc/self/task')))", str(pathlib.Path(__file__).parent.parent)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1", out
 
 
 def test_amqp_reconnect_backs_off_to_a_ceiling():

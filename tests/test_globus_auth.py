@@ -120,6 +120,27 @@ def test_a_revoked_client_secret_is_a_clear_error_then_a_new_one_is_used_without
     assert len(registrations(service, m)) == 2
 
 
+def test_a_secret_revoked_while_its_token_is_still_valid_is_the_same_clear_error(rigdir, accounts):
+    """With Auth's own 48 h tokens: the service refuses the revoked token, the broker drops
+    it and asks Auth, which refuses the secret: the same message, not 48 h of 401s."""
+    service = e2e_rig.LocalService(rigdir)
+    m = None
+    try:
+        m = e2e_rig.live_mep(rigdir, service, auth="client")
+        m.stop()
+        service.clients[m.client_id] = "the old secret was deleted"
+        service.write_identities()
+        m.relaunch(wait=False)
+        out = wait_log(m, "Globus Auth refused the client credentials")
+        assert "refused the registration: HTTP 401" in out  # first the token, then the secret
+        assert m.proc.poll() is None
+    finally:
+        if m is not None:
+            m.stop()
+            m.remove()
+        service.stop()
+
+
 def login(m, username: str) -> tuple[subprocess.CompletedProcess, str]:
     """`mepctl login NAME` as an administrator does it: open the URL it prints, log in,
     paste the code back."""
