@@ -1,7 +1,8 @@
 """A MEP's config.yaml, loaded into attrs classes.
 
 The keys are upstream's (globus-compute-endpoint 4.19, CoreEndpointConfig) plus two of
-our own for registration (compute_service_url, compute_service_token_file), so an
+our own for registration (compute_service_url, compute_service_token_file,
+client_credentials_file, auth_service_url), so an
 existing multi-user config.yaml loads unchanged: 4.19 writes no `multi_user` key (its
 loader refuses one), older files say `multi_user: true`; both load. As upstream, a
 template path ending in .j2 that does not exist falls back to the name without .j2 (the
@@ -62,6 +63,8 @@ class MEPConfig:
     local_compute_services: bool = False
     compute_service_url: str | None = None  # ours: the service to register with (else upstream's choice)
     compute_service_token_file: pathlib.Path | None = None  # ours: a bearer token for that service
+    client_credentials_file: pathlib.Path | None = None  # ours: GLOBUS_COMPUTE_CLIENT_ID/SECRET lines (root:broker 0640)
+    auth_service_url: str | None = None  # ours: GLOBUS_SDK_SERVICE_URL_AUTH for the broker (a non-production Auth)
 
     @property
     def name(self) -> str:
@@ -100,6 +103,9 @@ _FIELDS = {
     "local_compute_services": (bool, "true or false"),
     "compute_service_url": (str, "the web service's base URL, e.g. http://127.0.0.1:5000"),
     "compute_service_token_file": (str, "the path of a file holding the bearer token the MEP registers with"),
+    "client_credentials_file": (str, "the path of a root:broker 0640 file with GLOBUS_COMPUTE_CLIENT_ID=... and "
+                                "GLOBUS_COMPUTE_CLIENT_SECRET=... lines"),
+    "auth_service_url": (str, "the base URL of a non-production Globus Auth, e.g. http://localhost:5000"),
 }
 
 
@@ -131,7 +137,7 @@ def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
     for key, default in (("user_config_template_path", DEFAULT_TEMPLATE), ("user_config_schema_path", DEFAULT_SCHEMA)):
         values.setdefault(key, default)
     for key in ("identity_mapping_config_path", "user_config_template_path", "user_config_schema_path", "audit_log_path",
-                "compute_service_token_file"):
+                "compute_service_token_file", "client_credentials_file"):
         if values.get(key) is not None:
             values[key] = conf_dir / pathlib.Path(values[key]).expanduser()  # relative paths: to the config dir
     template = values["user_config_template_path"]

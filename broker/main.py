@@ -15,13 +15,14 @@ import pathlib
 import signal
 import socket
 import sys
+import time
 
 import attrs
 
 os.environ["SPT_NOENV"] = "1"  # setproctitle: the title fits in argv; the environment stays readable in /proc
 import setproctitle  # noqa: E402
 
-from broker import console, lock, logs, reexec, registration as registration_mod, tls
+from broker import console, heartbeat as heartbeat_mod, lock, logs, reexec, registration as registration_mod, tls
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
@@ -34,6 +35,7 @@ from broker.session import BrokerSession
 
 EX_SOFTWARE, EX_CONFIG, EX_UNAVAILABLE = 70, 78, 69
 QUIESCE_S = 30  # a reload waits this long for helper requests in flight, else it is postponed
+REREGISTER_CALM_S = 60  # re-registrations closer together than this back off (registration.first_delay)
 
 
 def parse_args(argv):
@@ -57,14 +59,15 @@ class Setup:
     key: bytes
 
 
-def read_setup(args, log, register: bool = True, config: MEPConfig | None = None) -> Setup:
+def read_setup(args, log, register: bool = True, config: MEPConfig | None = None,
+               registration: dict | None = None) -> Setup:
     """Raises one of SETUP_ERRORS, each naming the file or the service. Without
-    `register`, the endpoint id is read from disk and the service is not asked."""
+    `register`, the endpoint id is read from disk and the service is not asked; with
+    `registration` (a re-exec'd image, or one obtained already), it is used."""
     config = config or load_config(args.conf_dir)
-    if register:
-        registration = registration_mod.obtain(config, log)
-    else:
-        registration = {"endpoint_id": registration_mod.peek(config)}
+    if registration is None:
+        registration = registration_mod.obtain(config, log) if register else {
+            "endpoint_id": registration_mod.peek(config)}
     idmap = IdentityMapper(config.identity_mapping_config_path, str(registration["endpoint_id"]), log)
     return Setup(config, registration, idmap, pathlib.Path(args.key).read_bytes())
 
@@ -101,15 +104,15 @@ def reload_problem(args, running: Setup, log, helper_pam: str) -> str | None:
     return pam_problem(new.config, helper_pam)
 
 
-def connect_helper(args, setup: Setup, state: dict | None):
+def connect_helper(args, key: bytes, state: dict | None):
     if state is not None:  # a re-exec'd image: go on with the authenticated session
-        session = BrokerSession.resume(setup.key, **state["session"])
-        return HelperClient(socket.socket(fileno=state["helper_fd"]), setup.key, session=session)
+        session = BrokerSession.resume(key, **state["session"])
+        return HelperClient(socket.socket(fileno=state["helper_fd"]), key, session=session)
     if args.helper_socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(args.helper_socket)
-        return HelperClient(sock, setup.key)
-    return HelperClient(socket.socket(fileno=int(os.environ.pop(reexec.HELPER_ENV))), setup.key)
+        return HelperClient(sock, key)
+    return HelperClient(socket.socket(fileno=int(os.environ.pop(reexec.HELPER_ENV))), key)
 
 
 def restore(mep: MEP, state: dict) -> None:
@@ -142,7 +145,26 @@ async def run(args) -> int:
             print(f"mep-broker: cannot start: {e}", file=sys.stderr)
         return EX_CONFIG
     try:
-        setup = read_setup(args, log, config=config)
+        key = pathlib.Path(args.key).read_bytes()
+    except OSError as e:
+        log.error("cannot start", error=f"({type(e).__name__}) {e}")
+        return EX_CONFIG
+    # the helper first: it waits only io_timeout for the hello, and registering may have
+    # to wait for Globus (broker/registration.py: obtain_retrying)
+    helper = connect_helper(args, key, state)
+    await helper.ready
+    if problem := pam_problem(config, helper.session.helper_pam):
+        log.error("cannot start", error=problem)
+        if not args.log_to_console:
+            print(f"mep-broker: cannot start: {problem}", file=sys.stderr)
+        helper.close()
+        return EX_CONFIG
+    try:
+        registration = state.get("registration") if state is not None else None
+        if registration is None:
+            read_setup(args, log, register=False, config=config)  # a broken config stops here, before Globus
+            registration = await registration_mod.obtain_retrying(config, log)
+        setup = read_setup(args, log, config=config, registration=registration)
     except SETUP_ERRORS as e:
         log.error("cannot start", error=f"({type(e).__name__}) {e}")
         return EX_CONFIG
@@ -155,14 +177,6 @@ async def run(args) -> int:
             log.error("cannot open the audit log; a high-assurance MEP does not start without it",
                       path=str(setup.config.audit_log_path), error=e.strerror)
             return EX_CONFIG
-    helper = connect_helper(args, setup, state)
-    await helper.ready
-    if problem := pam_problem(setup.config, helper.session.helper_pam):
-        log.error("cannot start", error=problem)
-        if not args.log_to_console:
-            print(f"mep-broker: cannot start: {problem}", file=sys.stderr)
-        helper.close()
-        return EX_CONFIG
     mep = MEP(setup.config, setup.registration, helper, setup.idmap, log, audit)
     if state is not None:
         restore(mep, state)  # before the loop runs again: an `exited` may be waiting
@@ -175,6 +189,8 @@ class Broker:
     def __init__(self, args, setup: Setup, mep: MEP, log, lock_fd: int):
         self.args, self.setup, self.mep, self.log, self.lock_fd = args, setup, mep, log, lock_fd
         self.admin = AdminServer(socket_path(setup.config.conf_dir), mep, log, self.request_reload)
+        self.heartbeat = heartbeat_mod.Heartbeat(mep.registration, heartbeat_mod.period(setup.config), log)
+        self._reregistered_at, self._reregistrations = float("-inf"), 0
 
     def request_reload(self, by: str) -> str | None:
         """Check the configuration on disk; if it is usable, have serve() return for a
@@ -224,6 +240,10 @@ class Broker:
                 code, reason = EX_UNAVAILABLE, "failed"
             if reason == "duplicate":
                 code = EX_CONFIG
+            if reason == "reregister":  # RabbitMQ refused the account: fresh credentials from the service
+                if not await self.reregister():
+                    break
+                continue
             if reason != "reload":
                 break
             await self.restart_in_place(background)  # returns only if it could not
@@ -235,12 +255,45 @@ class Broker:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await self.heartbeat.final()
         self.admin.close()
         if mep.audit is not None:
             mep.audit.close()
         mep.helper.close()
         log.info("broker stopped", code=code)
         return code
+
+    async def reregister(self) -> bool:
+        """Register again (same id, new AMQP credentials), with backoff; False if a stop
+        came meanwhile or the registration cannot be used."""
+        mep, log = self.mep, self.log
+        mep.reregister.clear()
+        # a service that keeps handing out refused credentials must not get a tight loop
+        recent = time.monotonic() - self._reregistered_at < REREGISTER_CALM_S
+        self._reregistrations = self._reregistrations + 1 if recent else 1
+        delay = registration_mod.first_delay(self._reregistrations - 1) if self._reregistrations > 1 else 0
+        log.warning("RabbitMQ refused the MEP's AMQP credentials; registering again for new ones", wait_s=delay)
+        if delay:
+            try:
+                await asyncio.wait_for(mep.stopping.wait(), delay)
+                return False
+            except asyncio.TimeoutError:
+                pass
+        self._reregistered_at = time.monotonic()
+        try:
+            registration = await registration_mod.obtain_retrying(self.setup.config, log, mep.stopping)
+        except SETUP_ERRORS as e:
+            log.error("cannot register again; stopping", error=f"({type(e).__name__}) {e}")
+            return False
+        if registration is None:
+            return False
+        if str(registration["endpoint_id"]) != mep.endpoint_id:
+            log.error("the service gave another endpoint id; stopping", expected=mep.endpoint_id,
+                      received=str(registration["endpoint_id"]))
+            return False
+        mep.registration = self.heartbeat.registration = registration
+        self.setup = attrs.evolve(self.setup, registration=registration)
+        return True
 
     async def restart_in_place(self, background: list) -> None:
         """Exec a fresh broker image (same pid); returns only if that could not happen."""
@@ -271,7 +324,7 @@ class Broker:
         except (AdminError, OSError) as e:
             self.log.error("no admin socket; mepctl cannot reach this broker (it serves users regardless)",
                            error=str(e))
-        background = [asyncio.ensure_future(self.mep.idmap.watch())]
+        background = [asyncio.ensure_future(self.mep.idmap.watch()), asyncio.ensure_future(self.heartbeat.run())]
         if not resumed and (sys.stderr.isatty() or self.args.log_to_console):
             print(console.banner(self.mep.endpoint_id, self.args.log_to_console), file=sys.stderr)
         if sys.stderr.isatty():

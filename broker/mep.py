@@ -23,7 +23,7 @@ import aiormq.exceptions
 import yaml
 from cryptography.fernet import Fernet
 
-from broker import commands, limits, notices, templates
+from broker import commands, limits, notices, registration as registration_mod, templates
 from broker.config import MEPConfig
 from broker.helper_client import HelperClient, HelperGone, HelperRefused, InvalidRequest
 from broker.idmap import IdentityMapper
@@ -95,6 +95,7 @@ class MEP:
         self._in_hand = 0  # commands being served
         self._served: set[asyncio.Task] = set()  # see on_message
         self.stopping, self.reloading = asyncio.Event(), asyncio.Event()
+        self.reregister = asyncio.Event()  # RabbitMQ refused the account: serve() returns for a new registration
         self.draining = False
         self.amqp = None  # the robust connection while serving
         self.amqp_lost_at, self.amqp_failures = None, 0  # while it reconnects: since when, attempts failed
@@ -107,17 +108,26 @@ class MEP:
 
     async def serve(self) -> str:
         """Consume commands until a stop, a reload or the loss of the helper; returns
-        "stop", "reload", "helper-gone" or "duplicate" (another MEP consumes the queue). Commands in hand are finished first; commands
+        "stop", "reload", "helper-gone", "duplicate" (another MEP consumes the queue) or
+        "reregister" (RabbitMQ refused the credentials: retrying the same URL never helps).
+        Commands in hand are finished first; commands
         delivered but not begun stay unacked and go back to the queue."""
         info = self.registration["command_queue_info"]
         self.draining = False
-        connection = await aio_pika.connect_robust(info["connection_url"], reconnect_interval=RECONNECT_FIRST_S,
-                                                   client_properties={  # what rabbitmqctl shows
-                                                       "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})
+        try:
+            connection = await aio_pika.connect_robust(info["connection_url"], reconnect_interval=RECONNECT_FIRST_S,
+                                                       client_properties={  # what rabbitmqctl shows
+                                                           "connection_name": f"mep-broker {self.config.name} pid {os.getpid()}"})
+        except Exception as e:
+            if registration_mod.amqp_credentials_refused(e):
+                return "reregister"
+            raise
 
         def lost(_connection, exc) -> None:  # the loss, then each failed attempt
             if exc is None or self.draining:
                 return
+            if registration_mod.amqp_credentials_refused(exc):
+                self.reregister.set()
             self.amqp_failures += 1
             self.amqp_lost_at = self.amqp_lost_at or time.time()
             connection.reconnect_interval = reconnect_delay(self.amqp_failures)  # aio-pika reads it before each wait
@@ -145,7 +155,8 @@ class MEP:
                 return "duplicate"
             self.log.info("consuming start commands", queue=info["queue"], endpoint_id=self.endpoint_id)
             waits = {asyncio.ensure_future(self.stopping.wait()): "stop",
-                     asyncio.ensure_future(self.reloading.wait()): "reload", self.helper.closed: "helper-gone"}
+                     asyncio.ensure_future(self.reloading.wait()): "reload", self.helper.closed: "helper-gone",
+                     asyncio.ensure_future(self.reregister.wait()): "reregister"}
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             reason = waits[done.pop()]
             self.draining = True
@@ -153,7 +164,8 @@ class MEP:
                 if waiter is not self.helper.closed:
                     waiter.cancel()
             if not self.helper.closed.done():
-                await queue.cancel(tag)
+                if reason != "reregister":  # (then there is no channel to cancel on)
+                    await queue.cancel(tag)
                 while self._in_hand:
                     await asyncio.sleep(0.01)
         self.amqp = None

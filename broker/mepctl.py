@@ -110,6 +110,35 @@ def cmd_boot(args) -> int:
         return 1
 
 
+def cmd_login(args) -> int:
+    """The seed's interactive login (a UserApp): the broker then registers as this user
+    with the tokens it leaves in NAME/run/ (broker/globus_login.py)."""
+    from broker import globus_login
+    from broker.config import ConfigError, load_config
+    if os.geteuid() != 0:
+        print("mepctl login: must run as root (the tokens go to the broker account's own directory)", file=sys.stderr)
+        return 77
+    conf_dir = args.config_root.expanduser().resolve() / args.name
+    try:
+        config = load_config(conf_dir)
+        run = os.stat(conf_dir / "run")
+    except (ConfigError, OSError) as e:
+        print(f"mepctl login: {e}", file=sys.stderr)
+        return 78
+    try:
+        if globus_login.client_credentials(config):
+            print(f"mepctl login: note: {args.name} has client credentials ({globus_login.ID_VAR} or "
+                  "client_credentials_file); the broker registers with those, not with this login", file=sys.stderr)
+        identity = globus_login.login(config, run.st_uid, run.st_gid)
+    except Exception as e:  # noqa: BLE001 - globus-sdk raises many kinds; say which
+        print(f"mepctl login: the login did not complete: ({type(e).__name__}) {e}", file=sys.stderr)
+        return 1
+    print(f"Logged in as Globus identity {identity}; the tokens are in {globus_login.token_file(config)} (the broker "
+          f"account's, mode 0600). A broker waiting for a login registers at its next attempt; otherwise run "
+          f"`mepctl start {args.name}`.")
+    return 0
+
+
 ADMIN_COMMANDS = {
     "status": "show a running endpoint's broker, uptime and counts",
     "list": "list the running user endpoints: user, uid, pid, uptime, user endpoint id",
@@ -171,6 +200,13 @@ def parser() -> argparse.ArgumentParser:
                        "(they always go to NAME/endpoint.log)")
     start.add_argument("--debug", action="store_true", help="log at debug level")
     start.set_defaults(func=cmd_start)
+
+    login = sub.add_parser("login", help="log in to Globus as yourself, for an endpoint without client credentials "
+                           "(as root)", description="Run Globus' login flow (open the URL, paste the code back); the "
+                           "broker registers the endpoint with these tokens and renews them itself.")
+    login.add_argument("name", metavar="NAME", help="the endpoint")
+    login.add_argument("--config-root", type=pathlib.Path, default=configure_mod.default_root(), help=root_help)
+    login.set_defaults(func=cmd_login)
 
     for command, text in ADMIN_COMMANDS.items():
         sp = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ". Asks the running "

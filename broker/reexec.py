@@ -14,7 +14,7 @@ as `posix_ppid`. The order (broker/main.py drives it):
      reload signals blocked: one that arrives before the new image has its handlers
      waits for them instead of killing it.
 
-The state holds secrets (each UEP's Fernet key), so it travels in a memfd that only this
+The state holds secrets (each UEP's Fernet key, the registration's AMQP credentials), so it travels in a memfd that only this
 process holds, never in the environment or a file.
 """
 
@@ -42,7 +42,8 @@ def save(mep) -> tuple[int, list[int]]:
             record["audit_pipe"] = None  # already at EOF and closed
         records.append(record)
     state = {"version": VERSION, "helper_fd": helper.sock.fileno(), "session": helper.session.export(),
-             "started": mep.started, "next_req": helper.next_req, "ueps": records}
+             "started": mep.started, "next_req": helper.next_req, "ueps": records,
+             "registration": mep.registration}  # a reload needs no Auth call: the new image serves on with it
     keep = [state["helper_fd"]] + [fd for r in records for fd in (r["cred_fd"], r["audit_pipe"]) if fd is not None]
     fd = os.memfd_create("mep-broker-state", os.MFD_CLOEXEC)
     os.write(fd, json.dumps(state).encode())

@@ -13,16 +13,20 @@ import sys
 
 from aiohttp import web
 
+from localservice.auth import AuthService
 from localservice.rabbit import Rabbit
 from localservice.service import ComputeService
-from localservice.web import load_identities, make_app
+from localservice.web import make_app
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="localservice", description=__doc__)
     p.add_argument("--identities", required=True, type=pathlib.Path,
-                   help="JSON file mapping bearer tokens to identity sets (stands in for Globus Auth)")
+                   help="JSON file: static bearer tokens and their identity sets, Auth clients and logins "
+                   "(docs/local-service.md); read again when it changes")
     p.add_argument("--state", type=pathlib.Path, help="where registered endpoints are kept across restarts")
+    p.add_argument("--token-lifetime", type=float, default=172800,
+                   help="seconds an access token from the Auth routes lasts (default %(default)s, as Globus Auth)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/",
@@ -36,11 +40,12 @@ def parse_args(argv):
 
 
 async def serve(args) -> int:
-    tokens = load_identities(args.identities)
+    auth = AuthService(args.identities, f"http://{'localhost' if args.host == '127.0.0.1' else args.host}:{args.port}",
+                       args.token_lifetime)
     rabbit = Rabbit(args.amqp_url, args.management_url)
     await rabbit.open()
     service = ComputeService(rabbit, args.state)
-    runner = web.AppRunner(make_app(service, tokens), access_log=None)
+    runner = web.AppRunner(make_app(service, auth), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     logging.getLogger("localservice").info("local compute service on http://%s:%d", args.host, args.port)

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import logging
+import time
 import uuid
 
 import aio_pika
@@ -93,6 +94,9 @@ class ComputeService:
         self.ueps: dict[str, UserEndpoint] = {}
         self.tasks: dict[str, TaskRecord] = {}
         self.result_urls: dict[str, str] = {}  # identity id -> amqp URL of the user's result account
+        self.heartbeats: dict[str, list] = {}  # MEP id -> [(time received, EPStatusReport global_state), ...]
+        self.registrations: list[dict] = []  # every registration body as received (GET /v3/endpoints/ID/registrations)
+        self._consuming: set[str] = set()  # MEP ids whose heartbeat queue is consumed
         self._load()
 
     # -- persistence: only the endpoints, so that a MEP keeps its id across restarts --
@@ -110,7 +114,8 @@ class ComputeService:
 
     # -- endpoints ---------------------------------------------------------------------
 
-    async def register_endpoint(self, identity: dict, data: dict, endpoint_id: str | None = None) -> dict:
+    async def register_endpoint(self, identity: dict, data: dict, endpoint_id: str | None = None,
+                                user_agent: str = "") -> dict:
         if not isinstance(data.get("endpoint_name"), str):
             raise ServiceError(422, "UNPROCESSABLE_ENTITY", "endpoint_name is required")
         if endpoint_id is None:
@@ -123,12 +128,50 @@ class ComputeService:
                                                allowed_functions=[str(f) for f in allowed] if allowed else None,
                                                display_name=data.get("display_name"))
         self._save()
-        queue = f"mep.{endpoint_id}.command"
+        queue, heartbeats = f"mep.{endpoint_id}.command", f"mep.{endpoint_id}.heartbeats"
         await self.rabbit.queue(queue)
-        url = await self.rabbit.account(f"mep-{endpoint_id}", read=(queue,))
-        log.info("endpoint %s registered (%s, multi_user=%s)", endpoint_id, data["endpoint_name"],
-                 data.get("multi_user"))
-        return {"endpoint_id": endpoint_id, "command_queue_info": {"connection_url": url, "queue": queue}}
+        # the real service's shape: heartbeats go to a named direct exchange (RabbitMQ refuses
+        # publishing to the default exchange there); the account may write only that one
+        heartbeat_q = await self.rabbit.exchange_to_queue(heartbeats, "heartbeats")
+        url = await self.rabbit.account(f"mep-{endpoint_id}", read=(queue,), write=(heartbeats,))
+        if endpoint_id not in self._consuming:
+            self._consuming.add(endpoint_id)
+            await heartbeat_q.consume(lambda m: self._on_mep_heartbeat(endpoint_id, m))
+        log.info("endpoint %s registered (%s, multi_user=%s, version %s, from %s)", endpoint_id, data["endpoint_name"],
+                 data.get("multi_user"), (data.get("metadata") or {}).get("endpoint_version"), user_agent)
+        self.registrations.append({"endpoint_id": endpoint_id, "body": data, "user_agent": user_agent,
+                                   "identity": identity["id"]})
+        return {"endpoint_id": endpoint_id, "command_queue_info": {"connection_url": url, "queue": queue},
+                "heartbeat_queue_info": {"connection_url": url, "exchange": heartbeats, "queue": heartbeats,
+                                         "queue_publish_kwargs": {"exchange": heartbeats, "routing_key": "heartbeats",
+                                                                  "mandatory": True,
+                                                                  "properties": {"delivery_mode": 2}}}}
+
+    async def _on_mep_heartbeat(self, endpoint_id: str, message) -> None:
+        async with message.process():
+            try:
+                report = messagepack.unpack(message.body)
+            except Exception as e:  # noqa: BLE001
+                log.warning("MEP %s sent an unreadable heartbeat: (%s) %s", endpoint_id, type(e).__name__, e)
+                return
+            if not isinstance(report, EPStatusReport) or str(report.endpoint_id) != endpoint_id:
+                log.warning("MEP %s sent a heartbeat that is not its own EPStatusReport; dropped", endpoint_id)
+                return
+            self.heartbeats.setdefault(endpoint_id, []).append((time.time(), dict(report.global_state)))
+            del self.heartbeats[endpoint_id][:-100]
+
+    def endpoint_status(self, endpoint_id: str) -> dict:
+        """online while heartbeats come within three periods; a period of 0 is the MEP's
+        last word (it stopped)."""
+        mep = self.endpoint(endpoint_id)
+        seen = self.heartbeats.get(mep.id, [])
+        status = "offline"
+        if seen:
+            at, state = seen[-1]
+            period = state.get("heartbeat_period") or 0
+            status = "online" if period and time.time() - at < 3 * period else "offline"
+        return {"status": status, "details": {"display_name": mep.display_name},
+                "heartbeats": [{"received": at, "global_state": st} for at, st in seen]}
 
     def endpoint(self, endpoint_id: str) -> Endpoint:
         try:

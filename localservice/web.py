@@ -1,18 +1,23 @@
 """The REST routes of the Globus Compute web service that the SDK's Executor and the
 MEP's registration call, with the same paths and response shapes.
 
-Authentication stands in for Globus Auth: each bearer token maps to an identity set in a
-local JSON file (see `load_identities`); the first identity is the caller.
+A bearer token is either a static one from the identities file (mapped to an identity
+set there; the first identity is the caller) or an access token that this service's own
+Globus Auth routes issued (localservice/auth.py) for the compute resource server.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import pathlib
+import urllib.parse
 
 from aiohttp import web
 
+from localservice import auth as auth_mod
+from localservice.auth import AuthError, AuthService
 from localservice.service import ComputeService, ServiceError
 
 log = logging.getLogger("localservice")
@@ -21,14 +26,8 @@ MIN_VERSION = "2.0.0"
 
 
 def load_identities(path: pathlib.Path) -> dict:
-    """{"tokens": {"<bearer token>": [identity, ...]}}; an identity has at least "id"
-    and "username", as Globus Auth's identity objects do."""
-    doc = json.loads(path.read_text())
-    tokens = doc.get("tokens") if isinstance(doc, dict) else None
-    if not isinstance(tokens, dict) or not all(isinstance(v, list) and v and all("id" in i for i in v)
-                                               for v in tokens.values()):
-        raise ValueError(f"{path}: expected {{\"tokens\": {{TOKEN: [{{\"id\": ..., \"username\": ...}}, ...]}}}}")
-    return tokens
+    """The static tokens of the identities file (auth.load says what else it holds)."""
+    return auth_mod.load(path)["tokens"]
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -43,20 +42,27 @@ async def errors(request: web.Request, handler):
     except ServiceError as e:
         log.info("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
         return error(e.status, e.code, str(e))
+    except AuthError as e:
+        log.info("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
+        return web.json_response({"error": e.code, "error_description": str(e),
+                                  "errors": [{"code": e.code, "detail": str(e), "status": str(e.status)}]},
+                                 status=e.status)
     except json.JSONDecodeError as e:
         return error(400, "BAD_REQUEST", f"invalid JSON body: {e}")
 
 
-def make_app(service: ComputeService, tokens: dict) -> web.Application:
-    """`tokens`: load_identities() of the file, read once at start."""
+def bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token if scheme == "Bearer" else ""
+
+
+def make_app(service: ComputeService, auth: AuthService) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=10 * 1024 * 1024)
 
     def caller(request: web.Request) -> list:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        identity_set = tokens.get(token) if scheme == "Bearer" else None
+        identity_set = auth.identity_set(bearer(request))
         if not identity_set:
-            raise ServiceError(401, "UNAUTHORIZED", "missing or unknown bearer token")
+            raise ServiceError(401, "UNAUTHORIZED", "missing, unknown or expired bearer token")
         return identity_set
 
     async def version(request):
@@ -64,16 +70,24 @@ def make_app(service: ComputeService, tokens: dict) -> web.Application:
                                   "service": "mep local compute service"})
 
     async def register_endpoint(request):
-        return web.json_response(await service.register_endpoint(caller(request)[0], await request.json()))
+        return web.json_response(await service.register_endpoint(caller(request)[0], await request.json(),
+                                                                 user_agent=request.headers.get("User-Agent", "")))
 
     async def update_endpoint(request):
         endpoint_id = request.match_info["endpoint_id"]
-        return web.json_response(await service.register_endpoint(caller(request)[0], await request.json(), endpoint_id))
+        return web.json_response(await service.register_endpoint(caller(request)[0], await request.json(), endpoint_id,
+                                                                 user_agent=request.headers.get("User-Agent", "")))
 
     async def endpoint_status(request):
         caller(request)
+        return web.json_response(service.endpoint_status(request.match_info["endpoint_id"]))
+
+    async def registrations(request):
+        """Not a real route: what each registration of this endpoint sent (body and
+        User-Agent), for tests that compare the broker with upstream's MEP."""
+        caller(request)
         mep = service.endpoint(request.match_info["endpoint_id"])
-        return web.json_response({"status": "online", "details": {"display_name": mep.display_name}})
+        return web.json_response([r for r in service.registrations if r["endpoint_id"] == mep.id])
 
     async def allowed_functions(request):
         caller(request)
@@ -100,11 +114,57 @@ def make_app(service: ComputeService, tokens: dict) -> web.Application:
         ids = (await request.json()).get("task_ids", [])
         return web.json_response({"response": "batch", "results": {t: service.task_status(identity, t) for t in ids}})
 
+    # -- Globus Auth (localservice/auth.py) --
+
+    async def token(request):
+        return web.json_response(auth.token(request.headers, await request.post()))
+
+    async def authorize(request):
+        """No passwords here: the login page lists the identities to log in as; picking one
+        (`&username=`) sends the code to the redirect URI, as Globus Auth does."""
+        if "username" not in request.query:
+            links = "".join(f'<li><a href="{html.escape(str(request.url.update_query(username=u)))}">{html.escape(u)}</a>'
+                            for u in sorted(auth.logins))
+            return web.Response(text=f"<html><body><p>Log in to the mep local service as:</p><ul>{links}</ul>"
+                                "</body></html>", content_type="text/html")
+        redirect, code = auth.authorize(request.query)
+        state = request.query.get("state", "_default")
+        raise web.HTTPFound(f"{redirect}{'&' if '?' in redirect else '?'}"
+                            f"{urllib.parse.urlencode({'code': code, 'state': state})}")
+
+    async def auth_code_page(request):
+        """Where a native app's login ends: the code to paste back (a line of its own)."""
+        return web.Response(text=f"Native App Authorization Code\n\n{request.query.get('code', '')}\n")
+
+    async def openid_configuration(request):
+        return web.json_response(auth.openid_configuration())
+
+    async def jwks(request):
+        return web.json_response(auth.jwks())
+
+    async def userinfo(request):
+        return web.json_response(auth.userinfo(bearer(request)))
+
+    async def introspect(request):
+        return web.json_response(auth.introspect(request.headers, await request.post()))
+
+    async def revoke(request):
+        return web.json_response(auth.revoke(request.headers, await request.post()))
+
     app.add_routes([
+        web.post("/v2/oauth2/token", token),
+        web.get("/v2/oauth2/authorize", authorize),
+        web.get("/v2/web/auth-code", auth_code_page),
+        web.get("/.well-known/openid-configuration", openid_configuration),
+        web.get("/jwk.json", jwks),
+        web.get("/v2/oauth2/userinfo", userinfo),
+        web.post("/v2/oauth2/token/introspect", introspect),
+        web.post("/v2/oauth2/token/revoke", revoke),
         web.get("/v2/version", version),
         web.post("/v3/endpoints", register_endpoint),
         web.put("/v3/endpoints/{endpoint_id}", update_endpoint),
         web.get("/v2/endpoints/{endpoint_id}/status", endpoint_status),
+        web.get("/v3/endpoints/{endpoint_id}/registrations", registrations),
         web.get("/v3/endpoints/{endpoint_id}/allowed_functions", allowed_functions),
         web.post("/v3/functions", register_function),
         web.post("/v3/endpoints/{endpoint_id}/submit", submit),

@@ -9,6 +9,8 @@ import os
 import secrets
 import socket
 import subprocess
+import urllib.request
+import uuid
 from pathlib import Path
 
 from tests import mep_rig, rig
@@ -49,14 +51,15 @@ class LocalService:
     identity set is that user's (mep_rig.identity)."""
 
     def __init__(self, rigdir: rig.RigDir, users=("mept-alice@example.org", "mept-bob@example.org",
-                                                  "eve@elsewhere.org", "admin@example.org")):
+                                                  "eve@elsewhere.org", "admin@example.org"),
+                 token_lifetime: float | None = None):
         self.dir = rigdir.path / f"service-{secrets.token_hex(3)}"
         self.dir.mkdir()
         self.tokens = {user: secrets.token_hex(16) for user in users}
         self.identities = {user: mep_rig.identity(user) for user in users}
         self.identities_path = self.dir / "identities.json"
-        self.identities_path.write_text(json.dumps(
-            {"tokens": {self.tokens[u]: [self.identities[u]] for u in users}}))
+        self.clients: dict[str, str] = {}  # Globus Auth confidential clients: id -> secret
+        self.write_identities()
         assert port_free(PORT), f"port {PORT} is taken (a demo's local service still running?); stop it first"
         self.port = PORT
         self.url = f"http://127.0.0.1:{self.port}"
@@ -64,7 +67,9 @@ class LocalService:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([mep_rig.VENV_PYTHON, "-I", "-c", SERVICE.format(lib=str(rigdir.lib)),
                                       "--identities", str(self.identities_path), "--state", str(self.dir / "state.json"),
-                                      "--port", str(self.port), "--purge-on-exit"], stdout=self.log,
+                                      "--port", str(self.port), "--purge-on-exit",
+                                      *(["--token-lifetime", str(token_lifetime)] if token_lifetime else [])],
+                                     stdout=self.log,
                                      stderr=subprocess.STDOUT)
         mep_rig.wait_for(lambda: "local compute service on" in self.output() or self.proc.poll() is not None,
                          what="the local service")
@@ -73,6 +78,34 @@ class LocalService:
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text()
+
+    def write_identities(self) -> None:
+        """The identities file (the service reads it again when it changes: a client's
+        secret changed here is a secret revoked)."""
+        tmp = self.identities_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tokens": {self.tokens[u]: [self.identities[u]] for u in self.tokens},
+                                   "clients": {c: {"secret": s} for c, s in self.clients.items()}}))
+        os.replace(tmp, self.identities_path)
+
+    def add_client(self) -> tuple[str, str]:
+        """A new Globus Auth confidential client (a service account): (id, secret)."""
+        client_id, secret = str(uuid.uuid4()), secrets.token_urlsafe(24)
+        self.clients[client_id] = secret
+        self.write_identities()
+        return client_id, secret
+
+    def credentials_file(self, client_id: str, owner_gid: int) -> Path:
+        """The client credentials as an administrator installs them: root:broker 0640."""
+        path = self.dir / f"client-{secrets.token_hex(3)}.env"
+        path.write_text(f"GLOBUS_COMPUTE_CLIENT_ID={client_id}\nGLOBUS_COMPUTE_CLIENT_SECRET={self.clients[client_id]}\n")
+        os.chown(path, 0, owner_gid)
+        os.chmod(path, 0o640)
+        return path
+
+    def get(self, path: str, user: str = "admin@example.org"):
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.tokens[user]}"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
 
     def token_file(self, user: str, owner_gid: int) -> Path:
         path = self.dir / f"token-{secrets.token_hex(3)}"
@@ -88,15 +121,28 @@ class LocalService:
         self.log.close()
 
 
-def live_mep(rigdir, service: LocalService, **kw) -> mep_rig.LiveMEP:
-    """A LiveMEP that registers with `service` and runs the real UEP."""
-    token = service.token_file("admin@example.org", rigdir.accounts.broker.pw_gid)
-    config = {"compute_service_url": service.url, "compute_service_token_file": str(token), **kw.pop("config", {})}
+def live_mep(rigdir, service: LocalService, auth: str = "token", **kw) -> mep_rig.LiveMEP:
+    """A LiveMEP that registers with `service` and runs the real UEP. `auth`: "token" (a
+    static bearer token file), "client" (a new confidential client of the service's Auth,
+    its credentials in client_credentials_file; `mep.client_id`), "login" (no credential:
+    `mepctl login NAME` gives one)."""
+    config = {"compute_service_url": service.url}
+    client_id = None
+    if auth == "token":
+        config["compute_service_token_file"] = str(service.token_file("admin@example.org", rigdir.accounts.broker.pw_gid))
+    elif auth == "client":
+        client_id, _ = service.add_client()
+        config["client_credentials_file"] = str(service.credentials_file(client_id, rigdir.accounts.broker.pw_gid))
+    if auth != "token":
+        config["auth_service_url"] = service.url  # the variable a user sets for a non-production Auth
+    config.update(kw.pop("config", {}))
     policy = {"uep_argv": [UEP_PROGRAM, "_start-user-endpoint", "{name}"], **kw.pop("policy", {})}
     mep = mep_rig.LiveMEP(rigdir, config=config, policy=policy, template=kw.pop("template", UEP_TEMPLATE),
                           schema=kw.pop("schema", UEP_SCHEMA), environment=kw.pop("environment", {}),
                           registration=False, **kw)
-    mep.endpoint_id = registered_id(mep)  # the id the service gave it
+    mep.client_id = client_id
+    if (mep.dir / "run" / "endpoint.json").exists():
+        mep.endpoint_id = registered_id(mep)  # the id the service gave it
     return mep
 
 

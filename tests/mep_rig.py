@@ -201,13 +201,15 @@ class LiveMEP:
             asyncio.run(_delete(*self.queues))  # a MEP that did not start leaves no queue behind
             raise AssertionError(f"MEP ended at start:\n{self.output()}")
 
-    def relaunch(self) -> None:
+    def relaunch(self, wait: bool = True) -> None:
         """Start a new helper and broker on the same directory and command queue, after the
         last one ended (what an init system's restart does)."""
         assert self.proc.poll() is not None, "the MEP is still running"
         starts = self.output().count("consuming start commands")
         self.helper_log = open(self.helper_log_path, "a")
         self.proc = self.launch(self.helper_log)
+        if not wait:
+            return
         wait_for(lambda: self.output().count("consuming start commands") > starts or self.proc.poll() is not None,
                  what="the relaunched broker to consume")
         assert self.proc.poll() is None, f"the relaunched MEP ended:\n{self.output()}"

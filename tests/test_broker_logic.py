@@ -2,6 +2,7 @@
 seed's examples), failure notice bytes."""
 
 import json
+import pathlib
 import time
 import uuid
 
@@ -187,19 +188,86 @@ def test_reload_keeps_old_mapping_on_invalid_missing_and_unreadable(tmp_path):
     assert [level for level, _ in log.lines] == ["error", "error", "info"]
 
 
-def test_registration_needs_a_service_and_a_token_and_says_where(tmp_path):
+def test_registration_needs_a_credential_and_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_ID", raising=False)
+    monkeypatch.delenv("GLOBUS_COMPUTE_CLIENT_SECRET", raising=False)
     cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"))
-    with pytest.raises(registration.RegistrationError, match="no service to register with: set compute_service_url"):
-        registration.obtain(cfg, None)
+    assert registration.service_url(cfg) == "https://compute.api.globus.org"  # upstream's default: production
     cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
                                           "local_compute_services: true\n"))
     assert registration.service_url(cfg) == "http://localhost:5000"
-    with pytest.raises(registration.RegistrationError, match="compute_service_token_file is required"):
+    with pytest.raises(registration.CredentialRefused, match=f"run `mepctl login {tmp_path.name}` as root"):
         registration.obtain(cfg, None)
     (tmp_path / "registration.json").write_text(json.dumps({"endpoint_id": "e", "command_queue_info": {"queue": "q"}}))
     with pytest.raises(registration.RegistrationError, match="command_queue_info needs connection_url and queue"):
         registration.obtain(cfg, None)
     assert registration.peek(cfg) == "e"
+
+
+def test_a_reply_with_another_endpoint_id_is_refused(tmp_path):
+    """As upstream: "mismatched endpoint id". The service here is a plain HTTP server that
+    answers every PUT with another id (what a confused or hostile service would do); the
+    saved id stays."""
+    import http.server
+    import threading
+    mine, other = "0f5d1c3e-8a4b-4c2d-9e6f-7a8b9c0d1e2f", "11111111-2222-4333-8444-555555555555"
+    info = {"connection_url": "amqp://u:p@127.0.0.1:5672/", "queue": "q",
+            "queue_publish_kwargs": {"exchange": "x", "routing_key": "r"}}
+
+    class Service(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"endpoint_id": other, "command_queue_info": info, "heartbeat_queue_info": info}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "token").write_text("t")
+        cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
+                                              f"compute_service_url: http://127.0.0.1:{server.server_port}\n"
+                                              "compute_service_token_file: token\n"))
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "endpoint.json").write_text(json.dumps({"endpoint_id": mine}))
+        with pytest.raises(registration.RegistrationError,
+                           match=f"mismatched endpoint id. Expected: {mine}, received: {other}") as e:
+            registration.obtain(cfg, None)
+        assert not isinstance(e.value, registration.Retryable)  # a start ends here: retrying gives the same reply
+        assert registration.peek(cfg) == mine
+    finally:
+        server.shutdown()
+
+
+def test_environment_selects_the_services_and_the_token_namespace(tmp_path, monkeypatch):
+    from broker import globus_login
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "6f6b2e5c-0f83-4f0b-9d5e-0d8c3a1f7e11")
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", "s")
+    monkeypatch.delenv("GLOBUS_SDK_SERVICE_URL_AUTH", raising=False)
+    cfg = config.load_config(write_config(tmp_path, "multi_user: true\nidentity_mapping_config_path: i.json\n"
+                                          "environment: sandbox\n"))
+    assert registration.service_url(cfg) == "https://compute.api.sandbox.globuscs.info"  # upstream's table
+    app = globus_login.make_app(cfg)
+    assert app.config.environment == "sandbox" and app._login_client.base_url.startswith("https://auth.sandbox.")
+    assert app.token_storage.token_storage.namespace == "clientprofile/sandbox/6f6b2e5c-0f83-4f0b-9d5e-0d8c3a1f7e11"
+    assert registration.update_url_port("amqps://u:p@h.example:5671/v", 443) == "amqps://u:p@h.example:443/v"
+    assert registration.update_url_port("amqps://u:p@h.example/v", 443) == "amqps://u:p@h.example:443/v"
+
+
+def test_the_broker_starts_no_thread_at_import():
+    """A thread with SIGHUP unblocked takes a SIGHUP that the main thread holds across a
+    re-exec, and that reload is lost (importing globus_compute_sdk starts one)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); import broker.main; "
+                          "print(len(os.listdir('/proc/self/task')))", str(pathlib.Path(__file__).parent.parent)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1", out
 
 
 def test_amqp_reconnect_backs_off_to_a_ceiling():

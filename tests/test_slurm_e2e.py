@@ -80,7 +80,7 @@ def uep_log(user: str = "mept-alice") -> str:
 
 
 def no_new_privs(pid: int) -> str:
-    return rig._status_field(pid, "NoNewPrivs")
+    return rig.proc_status_field(pid, "NoNewPrivs")
 
 
 @pytest.mark.parametrize("pam", [False, True], ids=["pam-off", "pam-on"])
