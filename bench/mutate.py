@@ -19,6 +19,7 @@ Runs by hand, never in CI; results and the survivors go to --report (JSON). See 
 
 import argparse
 import ast
+import fcntl
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/opt/mep/venv/bin/python"
-LOCK = "/tmp/mep-tests.lock"
+LOCK = "/tmp/mep-tests.lock"  # the project's global test lock (see the developers' brief)
 ROOT_MODULES = sorted(str(p.relative_to(ROOT)) for d in ("protocol", "privhelper") for p in (ROOT / d).glob("*.py"))
 
 # module -> (fast tests: no users, no lock; root tests: real users and helpers, under the lock)
@@ -221,105 +222,136 @@ def scratch_copy() -> Path:
     return path
 
 
-def run_tests(tree: Path, tests: list, root: bool, timeout: float) -> tuple:
-    """(outcome, seconds): 'pass', 'fail' or 'timeout'."""
+class GlobalLock:
+    """The project's test lock, held for a batch of root-tier runs at a time (at most `hold`
+    seconds, then released so that the other engineers' runs get their turn)."""
+
+    def __init__(self, hold: float):
+        self.hold, self.fd, self.since = hold, None, 0.0
+
+    def ensure(self) -> None:
+        if self.fd is not None and time.monotonic() - self.since > self.hold:
+            self.release()
+        if self.fd is None:
+            self.fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            waited = time.monotonic()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.since = time.monotonic()
+            print(f"  (lock taken after {self.since - waited:.0f}s)", flush=True)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+            time.sleep(1)  # let a waiting run take it
+
+
+def run_tests(tree: Path, tests: list, timeout: float, lock: GlobalLock | None = None) -> tuple:
+    """(outcome, seconds): 'pass', 'fail' or 'timeout'. With `lock`, the run happens while it is held."""
     if not tests:
         return "pass", 0.0
-    cmd = ["nice", "-n", "10", PYTHON, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-           "--hypothesis-profile=mutation", *tests]
-    if root:
-        cmd = ["flock", LOCK, *cmd]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", MEP_HYPOTHESIS_PROFILE="mutation")
+    if lock:
+        lock.ensure()
+    cmd = ["nice", "-n", "10", PYTHON, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-profile=mutation", *tests]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("CI", None)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        if root:  # a mutant that hung a helper may leave mept- users' processes: the rig cleans them next run
-            subprocess.run(["flock", LOCK, PYTHON, "-m", "tests.rig", "cleanup"], cwd=tree, capture_output=True)
+        if lock:  # a hung helper may leave mept- users' processes: the rig's cleanup removes them
+            subprocess.run([PYTHON, "-m", "tests.rig", "cleanup"], cwd=tree, capture_output=True)
         return "timeout", time.monotonic() - start
-    elapsed = time.monotonic() - start
-    if proc.returncode == 0:
-        return "pass", elapsed
-    if proc.returncode in (2, 3, 4):  # interrupted, internal error, usage: the mutant broke collection, that's a kill too
-        return "fail", elapsed
-    return "fail", elapsed
+    return ("pass" if proc.returncode == 0 else "fail"), time.monotonic() - start  # a mutant that breaks collection is killed too
+
+
+def with_mutant(tree: Path, m: Mutant, run):
+    path = tree / m.module
+    original = path.read_text()
+    path.write_text(m.apply(original))
+    shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
+    try:
+        return run()
+    finally:
+        path.write_text(original)
+        shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Details: docs/mutation.md. "
-                                     "Needs root for the root tier (it creates mept- users through the rig, under the global lock).")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Details: docs/mutation.md. "
+                                     "Needs root (the fast tier's policy tests make root-owned files; the root tier makes "
+                                     "mept- users through tests/rig.py, under the global lock).")
     parser.add_argument("modules", nargs="*", help=f"files to mutate (default: all {len(ROOT_MODULES)} root modules)")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
     parser.add_argument("--only", action="append", default=[], help="run only this mutant id (MODULE:N); repeatable")
     parser.add_argument("--no-root", action="store_true", help="fast tier only (no users, no lock)")
     parser.add_argument("--sample", type=int, default=1, help="run every Nth mutant only")
-    parser.add_argument("--report", default=None, help="write results as JSON here (default: print only)")
-    parser.add_argument("--timeout-factor", type=float, default=4.0, help="a run this many times the baseline is a kill")
+    parser.add_argument("--report", default=None, help="write the results as JSON here")
+    parser.add_argument("--timeout-factor", type=float, default=4.0, help="a run this many times the baseline's length is a kill")
+    parser.add_argument("--hold", type=float, default=240, help="seconds the global lock is held per batch of root runs")
     args = parser.parse_args(argv)
     modules = args.modules or ROOT_MODULES
-    all_mutants = [m for mod in modules for m in mutants_of(mod, (ROOT / mod).read_text())]
+    mutants = [m for mod in modules for m in mutants_of(mod, (ROOT / mod).read_text())]
     if args.only:
-        all_mutants = [m for m in all_mutants if m.id in args.only]
-    all_mutants = all_mutants[::args.sample]
+        mutants = [m for m in mutants if m.id in args.only]
+    mutants = mutants[::args.sample]
     if args.list:
-        for m in all_mutants:
+        for m in mutants:
             print(m.describe())
-        print(f"{len(all_mutants)} mutants")
+        print(f"{len(mutants)} mutants")
         return 0
-    tree = scratch_copy()
-    print(f"scratch copy: {tree}; {len(all_mutants)} mutants", flush=True)
-    baseline = {}
-    results = []
+    tree, lock = scratch_copy(), GlobalLock(args.hold)
+    print(f"scratch copy: {tree}; {len(mutants)} mutants", flush=True)
+    status, by, baseline = {}, {}, {}
+    started = time.monotonic()
     try:
-        for mod in dict.fromkeys(m.module for m in all_mutants):
-            fast, slow = tests_for(mod)
-            for tier, tests in (("fast", fast), ("root", [] if args.no_root else slow)):
-                key = (tier, tuple(tests))
-                if tests and key not in baseline:
-                    outcome, secs = run_tests(tree, tests, tier == "root", 1800)
-                    if outcome != "pass":
-                        print(f"baseline {tier} {tests} does not pass ({outcome}): fix the tests first", file=sys.stderr)
-                        return 1
-                    baseline[key] = secs
-                    print(f"baseline {tier} {' '.join(tests)}: {secs:.1f}s", flush=True)
-        for m in all_mutants:
-            path = tree / m.module
-            original = path.read_text()
-            path.write_text(m.apply(original))
-            shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
-            outcome, by = "pass", None
-            try:
-                fast, slow = tests_for(m.module)
-                for tier, tests in (("fast", fast), ("root", [] if args.no_root else slow)):
-                    if not tests:
-                        continue
-                    outcome, _ = run_tests(tree, tests, tier == "root", 30 + args.timeout_factor * baseline[(tier, tuple(tests))])
-                    if outcome != "pass":
-                        by = tier
-                        break
-            finally:
-                path.write_text(original)
-            tested = bool(fast or (slow and not args.no_root))
-            status = "killed" if outcome != "pass" else "survived" if tested else "untested"
-            results.append({"id": m.id, "line": m.lineno, "what": m.what, "old": m.old, "new": m.new, "status": status,
-                            "by": by, "timeout": outcome == "timeout"})
-            print(f"{status:8} {'(' + by + ')' if by else '':7} {m.describe()}", flush=True)
+        for tier in ("fast", "root"):
+            if tier == "root" and args.no_root:
+                break
+            todo = [m for m in mutants if status.get(m.id) != "killed" and tests_for(m.module)[tier == "root"]]
+            for tests in dict.fromkeys(tuple(tests_for(m.module)[tier == "root"]) for m in todo):
+                outcome, secs = run_tests(tree, list(tests), 1800, lock if tier == "root" else None)
+                if outcome != "pass":
+                    print(f"baseline {tier} {' '.join(tests)} does not pass ({outcome}): fix the tests first", file=sys.stderr)
+                    return 1
+                baseline[tests] = secs
+                print(f"baseline {tier} {' '.join(tests)}: {secs:.1f}s", flush=True)
+            for m in todo:
+                tests = tests_for(m.module)[tier == "root"]
+                outcome, secs = with_mutant(tree, m, lambda: run_tests(
+                    tree, tests, 30 + args.timeout_factor * baseline[tuple(tests)], lock if tier == "root" else None))
+                status[m.id] = "killed" if outcome != "pass" else "survived"
+                by[m.id] = f"{tier}{' timeout' if outcome == 'timeout' else ''}"
+                print(f"{status[m.id]:8} {tier:4} {secs:5.1f}s {m.describe()}", flush=True)
+            lock.release()
     finally:
+        lock.release()
         shutil.rmtree(tree, ignore_errors=True)
-    killed = sum(r["status"] == "killed" for r in results)
-    tested = sum(r["status"] != "untested" for r in results)
-    print(f"\n{killed} of {tested} tested mutants killed ({100 * killed / max(tested, 1):.1f}%); "
-          f"{tested - killed} survived; {len(results) - tested} untested")
+    results = [{"id": m.id, "line": m.lineno, "what": m.what, "old": m.old, "new": m.new,
+                "status": status.get(m.id, "untested"), "by": by.get(m.id) if status.get(m.id) == "killed" else None}
+               for m in mutants]
+    print(f"\n{summary(results)} in {(time.monotonic() - started) / 60:.0f} min")
     for r in results:
-        if r["status"] == "survived":
-            print(f"  SURVIVED {r['id']} line {r['line']}: {r['what']}: {r['old'][:80]!r} -> {r['new'][:80]!r}")
+        if r["status"] != "killed":
+            print(f"  {r['status'].upper()} {r['id']} line {r['line']}: {r['what']}: {r['old'][:80]!r} -> {r['new'][:80]!r}")
     if args.report:
-        Path(args.report).write_text(json.dumps({"modules": modules, "results": results}, indent=1))
+        Path(args.report).write_text(json.dumps({"modules": modules, "sample": args.sample, "no_root": args.no_root,
+                                                 "results": results}, indent=1))
     return 0
+
+
+def summary(results) -> str:
+    lines = []
+    for mod in dict.fromkeys(r["id"].rsplit(":", 1)[0] for r in results):
+        rs = [r for r in results if r["id"].startswith(mod + ":")]
+        k, t = sum(r["status"] == "killed" for r in rs), sum(r["status"] != "untested" for r in rs)
+        lines.append(f"  {mod:28} {k:4} of {t:4} killed" + (f", {len(rs) - t} untested" if len(rs) > t else ""))
+    k, t = sum(r["status"] == "killed" for r in results), sum(r["status"] != "untested" for r in results)
+    return "\n".join(lines) + f"\n{k} of {t} tested mutants killed ({100 * k / max(t, 1):.1f}%), {t - k} survived, " \
+        f"{len(results) - t} untested"
 
 
 if __name__ == "__main__":
