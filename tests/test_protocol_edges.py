@@ -132,6 +132,7 @@ def test_environment_limits_at_their_edges():
     for key in ("1A", "/A", "A/", "A-B", "A.B", "", "A\x00"):
         _refused_field({"env": {key: "v"}}, "spawn.env key")
     _refused_field({"env": {"A": "a\x00b"}}, r"spawn.env\[A\]: contains NUL")
+    assert _accepted_field({"env": {"A": "../x/..", "B": "é\n"}}).env == {"A": "../x/..", "B": "é\n"}  # values are free text
     _refused_field({"env": {"A": 1}}, "expected a string, got int")
     for not_an_object in ([], [["A", "b"]], "A=b", None):
         _refused_field({"env": not_an_object}, "expected an object")
@@ -220,6 +221,7 @@ def test_helper_event_edges():
         with pytest.raises(ProtocolError, match="refused.code"):
             from_wire(wire(Refused("r", "x", ""), code=code))
     assert from_wire(wire(Refused("r", "x", "y" * 1024))).reason == "y" * 1024
+    assert from_wire(wire(Refused("r", "x", "see ../log"))).reason == "see ../log"
     with pytest.raises(ProtocolError, match="refused.reason: longer than 1024"):
         from_wire(wire(Refused("r", "x", "y" * 1025)))
     assert from_wire(wire(Signaled("r", 7))) == Signaled("r", 7)
