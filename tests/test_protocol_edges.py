@@ -248,6 +248,17 @@ def test_message_kinds():
     assert {cls.TYPE for cls in (Spawn, Signal, Ping) if cls.REQUEST} == {"spawn", "signal", "ping"}
     assert not any(cls.REQUEST for cls in (Challenge, Hello, Spawned, Refused, Signaled, Exited, Pong))
     assert Ping("a") != Ping("b") and (Ping("a") != Ping("a")) is False
+    with pytest.raises(AttributeError):
+        Ping("a").extra = 1  # __slots__ = (): no instance dict to smuggle state in
+
+
+def test_wire_names():
+    """The `type` strings are the wire format both sides (and docs/root-code.md) agree on."""
+    from protocol.messages import HELPER_EVENTS, REGISTRY
+    assert set(REGISTRY) == {"challenge", "hello", "spawn", "signal", "ping", "spawned", "refused", "signaled", "exited", "pong"}
+    assert all(REGISTRY[name].TYPE == name for name in REGISTRY)
+    assert {cls.TYPE for cls in HELPER_EVENTS} == {"spawned", "refused", "signaled", "exited", "pong"}
+    assert to_wire(Spawned("r", 5, ("cred",))) == {"type": "spawned", "req": "r", "pid": 5, "channels": ["cred"]}
 
 
 # -- the session's rules ---------------------------------------------------------------------------------
@@ -424,8 +435,12 @@ def _limited_pair(max_frame):
 def test_helper_session_max_frame():
     helper, _ = _limited_pair(200)
     helper.receive_data(b"\0\0\0\xc8")  # exactly the limit: fine
+    helper, _ = _limited_pair(200)
     with pytest.raises(ProtocolError, match="exceeds the limit of 200"):
-        _limited_pair(200)[0].receive_data(b"\0\0\0\xc9")
+        helper.receive_data(b"\0\0\0\xc9")
+    assert helper.state == "error"  # a bad header latches the error like any other violation
+    with pytest.raises(ProtocolError, match="session is error"):
+        helper.receive_data(b"")
     with pytest.raises(ProtocolError, match="outside 1..200"):
         _limited_pair(200)[0].send(Refused("r", "x", "y" * 200))  # the helper's own frames obey its limit too
     helper, broker = _limited_pair(200)
