@@ -27,6 +27,7 @@ print(json.dumps({
     "sid": os.getsid(0), "pgid": os.getpgid(0), "pid": os.getpid(), "cwd": os.getcwd(),
     "umask": (lambda m: (os.umask(m), m)[1])(os.umask(0)), "fds": sorted(int(f) for f in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{f}")),
     "fd3": os.read(3, 100).decode() if os.path.exists("/proc/self/fd/3") else None,
+    "fd4": os.read(4, 100).decode() if os.path.exists("/proc/self/fd/4") else None,
 }), flush=True)
 """
 
@@ -36,10 +37,11 @@ def run_child(pw, *, argv_extra=(), env=None, no_new_privs=True, extra_fd=True, 
     out_r, out_w = os.pipe()
     plan = {0: os.open("/dev/null", os.O_RDONLY), 1: out_w, 2: out_w}
     if extra_fd:
-        r, w = os.pipe()
-        os.write(w, b"channel")
-        os.close(w)
-        plan[3] = r
+        for fd, text in ((3, b"channel"), (4, b"audit")):
+            r, w = os.pipe()
+            os.write(w, text)
+            os.close(w)
+            plan[fd] = r
     stray = os.open("/dev/null", os.O_RDONLY)  # inheritable and not in the plan: must not reach the child
     os.set_inheritable(stray, True)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
@@ -74,7 +76,7 @@ def test_the_child_is_the_user_with_nothing_left():
     assert r["nnp"] == "1" and r["pdeathsig"] == signal.SIGKILL
     assert r["sid"] == r["pgid"] == r["pid"] == pid  # its own session and process group: killpg reaches all of it
     assert r["cwd"] == DAEMON.pw_dir and r["umask"] == 0o077
-    assert r["fds"] == [0, 1, 2, 3] and r["fd3"] == "channel"  # the plan, nothing inherited, no error pipe
+    assert r["fds"] == [0, 1, 2, 3, 4] and (r["fd3"], r["fd4"]) == ("channel", "audit")  # the plan, nothing else
     assert int(r["sigblk"], 16) == 0  # the mask is reset (SIGUSR1 and the stops were blocked in the parent)
     assert int(r["sigign"], 16) == PYTHON_IGNORES
 
@@ -113,3 +115,12 @@ def test_kill_ignores_a_pid_that_is_gone():
     child.kill(pid, signal.SIGTERM)
     child.kill(None, signal.SIGTERM)
     child.kill(0, signal.SIGCONT)  # 0 means "no pid", never "my own process group"
+
+
+def test_prctl_errors_carry_errno():
+    from privhelper import linux
+    with pytest.raises(OSError) as info:
+        linux.prctl(987654)
+    assert info.value.errno == 22 and "prctl(987654, 0): Invalid argument" in str(info.value)
+    assert linux.prctl(linux.PR_GET_NO_NEW_PRIVS) in (0, 1)
+    assert linux.proc_status()["Uid"].split() == ["0", "0", "0", "0"]
