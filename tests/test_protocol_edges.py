@@ -150,7 +150,7 @@ def test_stdin_cap_at_its_edge():
     at_cap = base64.b64encode(b"x" * 524_288).decode()
     assert len(_accepted_field({"stdin": at_cap}).stdin) == 524_288
     assert _accepted_field({"stdin": base64.b64encode(b"\0\1\2").decode()}).stdin == b"\0\1\2"
-    _refused_field({"stdin": "A" * (len(at_cap) + 4)}, "longer than")
+    _refused_field({"stdin": "A" * (len(at_cap) + 4)}, "spawn.stdin")  # 524,291 bytes, in the text or decoded
     _refused_field({"stdin": "QQ="}, "not valid base64")
     _refused_field({"stdin": "QR=="}, "base64 is not canonical")  # decodes to b"A" but is not how b"A" encodes
     _refused_field({"stdin": "QQ==\n"}, "not valid base64")
