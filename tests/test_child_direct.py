@@ -96,12 +96,20 @@ def test_home_that_does_not_exist_means_root_dir():
 
 
 def test_exec_failure_is_reported_and_reaped():
+    """The failed child reports on the error pipe and _exits: it must never return into the caller's code."""
     account = Account.of(DAEMON)
+    me, (out_r, out_w) = os.getpid(), os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
-        pid, failure = child.fork_exec(account, ("/nonexistent/uep", "x"), {}, {0: os.open("/dev/null", os.O_RDONLY)}, True)
+        pid, failure = child.fork_exec(account, ("/nonexistent/uep", "x"), {}, {0: os.open("/dev/null", os.O_RDONLY), 1: out_w}, True)
+        if os.getpid() != me:  # only a child that returned from exec_child gets here: say so on its stdout and stop
+            os.write(1, b"returned")
+            os._exit(0)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as f:
+        assert f.read() == b""
     assert failure == "exec-failed cannot exec /nonexistent/uep: No such file or directory"
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # already reaped
