@@ -10,6 +10,10 @@ import subprocess
 
 import aio_pika
 import pytest
+from hypothesis import settings
+
+# bench/mutate.py runs the tests once per mutant: fewer examples, and the same ones every run
+settings.register_profile("mutation", max_examples=30, derandomize=True, deadline=None)
 
 from tests import e2e_rig, mep_rig, rig, slurm_rig
 

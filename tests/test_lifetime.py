@@ -245,3 +245,17 @@ def test_a_log_that_cannot_be_written_does_not_stop_the_helper(rigdir, accounts)
     finally:
         sock.close()
         rig.reap(proc, 15)
+
+
+def test_one_uep_exits_while_another_runs(helpers, accounts):
+    """The helper reaps the one that ended, reports it, and goes on serving the rest."""
+    helper, client = helpers()
+    from protocol.messages import Ping
+    stays = client.spawn(accounts.bob, stdin=b'{"sleep": 30}')
+    goes = client.spawn(accounts.alice, stdin=b'{"sleep": 0}')
+    assert stays.type == goes.type == "spawned"
+    assert client.wait_exited(goes.pid).status == 0
+    req = client.req_id()
+    client.request(Ping(req))
+    assert client.reply(req).type == "pong"  # still serving, with bob's UEP alive
+    assert rig.alive(stays.pid)

@@ -31,6 +31,9 @@ def test_a_good_policy_starts(rigdir, helpers):
     from protocol.messages import Ping
     client.request(Ping(req))
     assert client.reply(req).type == "pong"
+    client.sock.shutdown(2)  # the broker goes away cleanly: that is the helper's normal end, exit 0
+    assert helper.wait() == 0
+    assert "INFO ending: broker closed the connection" in helper.output()
 
 
 @pytest.mark.parametrize("attack", ["owner", "group-writable", "world-writable", "dir-owner", "dir-writable"])

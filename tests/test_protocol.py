@@ -159,7 +159,7 @@ def test_session_round_trip(reqs, evs):
     assert helper.next_event() is NEED_DATA
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=3 * settings.default.max_examples)
 @given(spawns, st.data())
 def test_any_mutation_of_a_signed_frame_is_refused_or_harmless(msg, data):
     """Flip, insert or delete bytes anywhere in a signed frame: the helper either refuses
@@ -252,3 +252,4 @@ def test_messages_are_immutable_and_equal_only_to_their_own_type():
     assert Ping("a") != Pong("a") and not Ping("a") == Pong("a") and Ping("a") != ("a",)
     with pytest.raises(AttributeError):
         Ping("a").req = "b"
+

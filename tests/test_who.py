@@ -111,3 +111,27 @@ def test_limits_hold_under_a_burst(helpers, accounts):
     assert sorted(p for u in (a, b, c) for p in rig.processes_of(u.pw_name)) == sorted(r.pid for _, r in spawned)
     helper.stop()
     assert rig.wait_gone([r.pid for _, r in spawned]) == []
+
+
+def test_reserved_and_top_uids_with_real_accounts(accounts):
+    """5: (uid_t)-2 is refused even when max_uid allows it; the default max_uid is 2^31 - 1
+    exactly. (uid_t)-1 cannot be created with useradd, and CPython reports such an entry's
+    uid as -1, which no request can carry: docs/mutation.md.)"""
+    from privhelper.authorize import Refusal, authorize
+    from privhelper.policy import Policy
+    made = {uid: rig.add_user(f"{rig.PREFIX}uid{uid}", uid=uid, system=True) for uid in (2**32 - 2, 2**31 - 1, 2**31)}
+    try:
+        def check(pw, **kw):
+            pol = Policy(path="/p", broker_user="b", broker_uid=999, key_file="/k", uep_argv=("/bin/true", "{name}"), **kw)
+            try:
+                return authorize(Spawn("r", pw.pw_name, pw.pw_uid, "u", {}, b"", ()), pol, 0, lambda uid: 0).uid
+            except Refusal as r:
+                return r.code
+        assert check(made[2**32 - 2], max_uid=2**32 - 1) == "uid-reserved"
+        assert check(made[2**32 - 2], max_uid=2**32 - 2) == "uid-reserved"
+        assert check(made[2**31 - 1]) == 2**31 - 1  # the default max_uid, exactly
+        assert check(made[2**31]) == "uid-reserved"
+        assert check(made[2**31], max_uid=2**31) == 2**31
+    finally:
+        for pw in made.values():
+            rig.run("userdel", pw.pw_name, check=False)
