@@ -45,9 +45,10 @@ def cmd_configure(args) -> int:
                                 auth_policy=args.auth_policy, audit_log_path=args.audit_log_path,
                                 allowed_functions=args.allowed_function, uep_executable=args.uep_executable,
                                 contact_email=args.contact_email, from_upstream=args.from_upstream,
-                                files={"config": args.core_config or args.manager_config,
-                                       "template": args.template_config, "schema": args.schema_config,
-                                       "user_env": args.user_env_config, "idmap": args.id_mapping_config})
+                                files={role: path for role, path in (
+                                    ("config", args.core_config or args.manager_config), ("template", args.template_config),
+                                    ("schema", args.schema_config), ("user_env", args.user_env_config),
+                                    ("idmap", args.id_mapping_config)) if path})  # only the files named
     except (configure_mod.ConfigureError, OSError) as e:
         print(f"mepctl configure: {e}", file=sys.stderr)
         return 1

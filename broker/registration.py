@@ -143,6 +143,15 @@ def peek(config) -> str | None:
     return None
 
 
+def registered_high_assurance(saved) -> bool | None:
+    """The high_assurance setting the endpoint was registered with (NAME/run/endpoint.json)."""
+    try:
+        value = json.loads(saved.read_text()).get("high_assurance")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def obtain(config, log) -> dict:
     static = config.conf_dir / STATIC
     if static.exists():
@@ -150,6 +159,11 @@ def obtain(config, log) -> dict:
     url = service_url(config)
     saved = config.conf_dir / "run" / ENDPOINT_FILE
     endpoint_id = peek(config)
+    if (registered := registered_high_assurance(saved)) is not None and registered != config.high_assurance:
+        raise RegistrationError(f"{config.conf_dir / 'config.yaml'} says high_assurance: "
+                                f"{str(config.high_assurance).lower()}, but this endpoint was registered with "
+                                f"high_assurance: {str(registered).lower()} ({saved}); high assurance is fixed at "
+                                "registration: put the setting back, or configure a new endpoint")
     data = body(config)
     try:
         compute = client(config, url)
@@ -174,9 +188,9 @@ def obtain(config, log) -> dict:
     if endpoint_id and got != endpoint_id:
         raise RegistrationError(f"Unexpected response from server: mismatched endpoint id. Expected: {endpoint_id}, "
                                 f"received: {got} ({url}; {saved} keeps the id this MEP registered with)")
-    if got != endpoint_id:
+    if got != endpoint_id or registered is None:  # the id, and the setting it was registered with
         tmp = saved.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"endpoint_id": got}))
+        tmp.write_text(json.dumps({"endpoint_id": got, "high_assurance": config.high_assurance}))
         os.replace(tmp, saved)
     if config.amqp_port:
         info = response["command_queue_info"]

@@ -22,10 +22,12 @@ def whoami():
 
 
 def busy_thread(seconds):
+    """Which worker ran it: a process of the UEP's worker pool (and its thread)."""
+    import os
     import threading
     import time
     time.sleep(seconds)
-    return threading.current_thread().name
+    return f"{os.getpid()}/{threading.current_thread().name}"
 
 
 def not_on_the_allow_list():
@@ -54,10 +56,10 @@ def main(argv) -> int:
         workers = int(argv[3])
         ex.user_endpoint_config = {"max_workers": workers}
         me = ex.submit_to_registered_function(funcs["whoami"]).result(timeout=120)
-        print(f"    ran as POSIX user {me['user']} (uid {me['uid']}) in user endpoint process {me['pid']}")
+        print(f"    ran as POSIX user {me['user']} (uid {me['uid']}) in worker process {me['pid']} of its user endpoint")
         threads = [ex.submit_to_registered_function(funcs["busy_thread"], args=(0.5,)) for _ in range(workers * 2)]
         used = len({f.result(timeout=120) for f in threads})
-        print(f"    user_endpoint_config max_workers={workers}: {workers * 2} tasks ran on {used} worker threads")
+        print(f"    user_endpoint_config max_workers={workers}: {workers * 2} tasks ran on {used} workers")
     return 0
 
 

@@ -162,3 +162,18 @@ def test_configure_refuses_a_config_root_the_helper_would_refuse(rigdir, account
         assert not (sticky / "x").exists()
     finally:
         rig.run("rm", "-rf", str(sticky))
+
+
+# -- "High-Assurance": fixed at registration ------------------------------------------------------
+
+def test_high_assurance_cannot_be_toggled_by_editing_config_yaml_and_restarting(service, mep):
+    m = mep()
+    assert json.loads((m.dir / "run" / "endpoint.json").read_text())["high_assurance"] is False
+    m.stop()
+    config = json.loads((m.dir / "config.yaml").read_text())
+    config.update(high_assurance=True, subscription_id="00000000-0000-0000-0000-000000000002")
+    (m.dir / "config.yaml").write_text(json.dumps(config))
+    m.helper_log = open(m.helper_log_path, "a")
+    m.proc = m.launch(m.helper_log)
+    assert rig.reap(m.proc, 60) == 78
+    assert "but this endpoint was registered with high_assurance: false" in m.output(), m.output()[-2000:]
