@@ -66,6 +66,7 @@ class Monitor:
             while self.step():
                 pass
             reason, code = "broker closed the connection", 0
+            self.await_broker(2.0)  # it exits on its own now; a TERM in its teardown would hide its exit code
         except (Fatal, ProtocolError, OSError) as e:
             reason, code = f"{type(e).__name__}: {e}", 2
         except Exception as e:  # noqa: BLE001 - fatal on anything unexpected, but clean up first
@@ -244,6 +245,15 @@ class Monitor:
             log.info("exited user=%s pid=%d status=%d", rec.account.name, rec.uep_pid, code)
             self.send(Exited(rec.uep_pid, code))
 
+
+    def await_broker(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.broker_pid is not None and time.monotonic() < deadline:
+            pid, status = os.waitpid(self.broker_pid, os.WNOHANG)
+            if pid:
+                self.broker_pid, self.broker_status = None, status
+            else:
+                time.sleep(0.02)
 
     def shutdown(self) -> None:
         """TERM every session process (each stops its UEP, closes PAM) and the broker; KILL stragglers; reap."""
