@@ -57,7 +57,7 @@ def main(argv) -> int:
         ex.user_endpoint_config = {"max_workers": workers}
         me = ex.submit_to_registered_function(funcs["whoami"]).result(timeout=120)
         print(f"    ran as POSIX user {me['user']} (uid {me['uid']}) in worker process {me['pid']} of its user endpoint")
-        threads = [ex.submit_to_registered_function(funcs["busy_thread"], args=(0.5,)) for _ in range(workers * 2)]
+        threads = [ex.submit_to_registered_function(funcs["busy_thread"], args=(2.0,)) for _ in range(workers * 2)]
         used = len({f.result(timeout=120) for f in threads})
         print(f"    user_endpoint_config max_workers={workers}: {workers * 2} tasks ran on {used} workers")
     return 0
