@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import urllib.request
 import uuid
@@ -36,16 +35,6 @@ UEP_SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type":
 PORT = 5000  # where the SDK's Client(local_compute_services=True) looks: http://localhost:5000
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 class LocalService:
     """The local compute service as a process; `token(user)` gives a bearer token whose
     identity set is that user's (mep_rig.identity)."""
@@ -60,7 +49,7 @@ class LocalService:
         self.identities_path = self.dir / "identities.json"
         self.clients: dict[str, str] = {}  # Globus Auth confidential clients: id -> secret
         self.write_identities()
-        assert port_free(PORT), f"port {PORT} is taken (a demo's local service still running?); stop it first"
+        assert rig.port_free(PORT), f"port {PORT} is taken (a demo's local service still running?); stop it first"
         self.port = PORT
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.dir / "service.log"

@@ -373,6 +373,17 @@ def wait_gone(pids, timeout=10.0) -> list:
     return [p for p in pids if alive(p)]
 
 
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port` (the local service's 5000, Slurm's 6817/6818)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def processes_of(user: str) -> list:
     out = run("pgrep", "-u", user, check=False).stdout.split()
     return [int(p) for p in out if alive(int(p))]

@@ -20,11 +20,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests import rig
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 PORTS = (6817, 6818)
@@ -77,16 +78,6 @@ def available() -> str | None:
     return None
 
 
-def _port_taken(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return False
-        except OSError:
-            return True
-
-
 def node_line() -> str:
     """This machine's node line as slurmd itself measures it (`slurmd -C`), without UpTime."""
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
@@ -109,7 +100,7 @@ class Cluster:
     # -- bring up, take down -------------------------------------------------------------
 
     def start(self) -> "Cluster":
-        taken = [p for p in PORTS if _port_taken(p)]
+        taken = [p for p in PORTS if not rig.port_free(p)]
         if taken:
             raise RuntimeError(f"Slurm's ports {taken} are taken: another Slurm cluster runs on this machine; "
                                "one cluster per machine")
