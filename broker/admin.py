@@ -20,12 +20,10 @@ import stat
 import struct
 import time
 
-from broker import commands
+from broker import commands, layout
 from broker.mep import Refusal
 
 MAX_REQUEST = 1 << 20
-SOCKET_NAME = "admin.sock"
-RUN_DIR = "run"
 
 
 class AdminError(Exception):
@@ -33,7 +31,7 @@ class AdminError(Exception):
 
 
 def socket_path(conf_dir: pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(conf_dir) / RUN_DIR / SOCKET_NAME
+    return layout.socket_file(conf_dir)
 
 
 def peer_uid(sock: socket.socket) -> int:

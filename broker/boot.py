@@ -24,6 +24,8 @@ import tomllib
 
 import yaml
 
+from broker import layout
+
 UNIT_DIR = pathlib.Path("/etc/systemd/system")
 # what the helper needs: become the user, signal its UEPs, drop the bounding set, and what
 # common PAM session modules need (audit, loginuid, limits, mkhomedir); SECURITY.md lists why
@@ -75,15 +77,15 @@ def render(name: str, root: pathlib.Path, *, socket_activated=False, stop_timeou
 def _broker_values(conf_dir: pathlib.Path) -> dict:
     """The broker account (from the helper policy) and the paths it may write."""
     try:
-        with open(conf_dir / "helper-policy.toml", "rb") as f:
+        with open(layout.policy_file(conf_dir), "rb") as f:
             user = tomllib.load(f)["broker_user"]
         account = pwd.getpwnam(user)
-        config = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
+        config = yaml.safe_load(layout.config_file(conf_dir).read_text()) or {}
     except (OSError, KeyError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise BootError(f"cannot read the broker account and paths from {conf_dir}: ({type(e).__name__}) {e}") from None
-    writable = [str(conf_dir / "endpoint.log"), str(conf_dir / "run")]
-    if config.get("audit_log_path"):
-        writable.append(f"-{config['audit_log_path']}")  # "-": a missing file is the broker's error to report
+    writable = [str(layout.log_file(conf_dir)), str(layout.run_dir(conf_dir))]
+    if isinstance(config, dict) and config.get("audit_log_path"):  # resolved as broker/config.py resolves it
+        writable.append(f"-{layout.resolve(conf_dir, str(config['audit_log_path']))}")  # "-": a missing file is the broker's error to report
     in_home = any(str(p).startswith(HOME_TREES) for p in (conf_dir, *writable))
     return {"broker_user": user, "broker_group": grp.getgrgid(account.pw_gid).gr_name, "writable": " ".join(writable),
             # a config under a home directory must stay visible; read-only still lets ReadWritePaths through

@@ -19,10 +19,12 @@ import uuid
 import attrs
 import yaml
 
-CONFIG_FILE = "config.yaml"
-DEFAULT_TEMPLATE = "user_config_template.yaml.j2"
-DEFAULT_SCHEMA = "user_config_schema.json"
-USER_ENVIRONMENT = "user_environment.yaml"
+from broker import layout
+from broker.layout import CONFIG_FILE
+
+DEFAULT_TEMPLATE = layout.TEMPLATE_FILE
+DEFAULT_SCHEMA = layout.SCHEMA_FILE
+USER_ENVIRONMENT = layout.USER_ENV_FILE
 # keys of a *user* endpoint's config that people put in the MEP's file by mistake
 _UEP_KEYS = {"engine", "executors", "idle_heartbeats_soft", "idle_heartbeats_hard", "endpoint_setup",
              "endpoint_teardown", "worker_init", "provider"}
@@ -111,7 +113,7 @@ _FIELDS = {
 
 def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
     conf_dir = pathlib.Path(conf_dir)
-    path = conf_dir / CONFIG_FILE
+    path = layout.config_file(conf_dir)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
@@ -139,7 +141,7 @@ def load_config(conf_dir: pathlib.Path | str) -> MEPConfig:
     for key in ("identity_mapping_config_path", "user_config_template_path", "user_config_schema_path", "audit_log_path",
                 "compute_service_token_file", "client_credentials_file"):
         if values.get(key) is not None:
-            values[key] = conf_dir / pathlib.Path(values[key]).expanduser()  # relative paths: to the config dir
+            values[key] = layout.resolve(conf_dir, values[key])  # relative paths: to the config dir
     template = values["user_config_template_path"]
     if template.suffix == ".j2" and not template.exists() and template.with_suffix("").exists():
         values["user_config_template_path"] = template.with_suffix("")  # upstream's older name

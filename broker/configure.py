@@ -32,18 +32,13 @@ import uuid
 
 import yaml
 
-from broker import seed, upstream
+from broker import layout, seed, upstream
 from privhelper import policy as policy_mod
 
 DEFAULT_BROKER = "gcmep"
 DEFAULT_UEP = "/opt/mep/uep-venv/bin/mep-uep-start"  # scripts/uep-start.sh: makes the UEP dir, then execs it
-IDMAP_FILE = "example_identity_mapping_config.json"
-IDMAP_CUSTOM = "identity_mapping_config.json"  # upstream's name for an identity mapping the admin supplied
-TEMPLATE_FILE = "user_config_template.yaml.j2"
-SCHEMA_FILE = "user_config_schema.json"
-USER_ENV_FILE = "user_environment.yaml"
-POLICY_FILE = "helper-policy.toml"
-KEY_FILE = "helper.key"
+from broker.layout import (IDMAP_CUSTOM, IDMAP_FILE, KEY_FILE, POLICY_FILE, SCHEMA_FILE,  # noqa: E402,F401
+                           TEMPLATE_FILE, USER_ENV_FILE)
 
 
 class ConfigureError(Exception):
@@ -115,7 +110,7 @@ def configure(name: str, root: pathlib.Path, *, display_name=None, broker_user=D
                              "original stays as it is for going back")
     if conf_dir.exists():
         reg = conf_dir / "registration.json"
-        if reg.exists() and high_assurance != ("high_assurance: true" in (conf_dir / "config.yaml").read_text()):
+        if reg.exists() and high_assurance != ("high_assurance: true" in layout.config_file(conf_dir).read_text()):
             raise ConfigureError(f"{conf_dir} is registered; high assurance cannot be toggled after registration. "
                                  "Configure a new endpoint instead.")
         raise ConfigureError(f"config dir <{name}> already exists: {conf_dir}")
@@ -245,7 +240,7 @@ def _converted_config(conf_dir, src, display_name, idmap_path, high_assurance, s
             cfg[key] = dest
     if high_assurance:
         cfg["high_assurance"] = True
-        new_audit = str(audit_log_path or conf_dir / "audit.log")
+        new_audit = str(audit_log_path or layout.default_audit_file(conf_dir))
         if src.config.get("audit_log_path") and str(src.config["audit_log_path"]) != new_audit:
             src.changed.append(f"audit_log_path: {src.config['audit_log_path']} -> {new_audit} (the broker "
                                "account writes it; the old log stays where it is)")
@@ -270,7 +265,7 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
     if high_assurance:
         ha = seed.HIGH_ASSURANCE.format(subscription_id=subscription_id,
                                         auth_policy=f"authentication_policy: {auth_policy}\n" if auth_policy else "",
-                                        audit_log_path=audit_log_path or conf_dir / "audit.log")
+                                        audit_log_path=audit_log_path or layout.default_audit_file(conf_dir))
     else:  # the seed: any MEP may belong to a subscription and name an authentication policy
         ha = "".join(f"{key}: {value}\n" for key, value in (("subscription_id", subscription_id),
                                                               ("authentication_policy", auth_policy)) if value)
@@ -289,7 +284,7 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
     else:
         text = _converted_config(conf_dir, src, display_name, idmap_path, high_assurance, subscription_id,
                                  auth_policy, audit_log_path, allowed_functions, pam, pam_service, contact_email)
-    _write(conf_dir / "config.yaml", text)
+    _write(layout.config_file(conf_dir), text)
     for role, dest, default in (("idmap", idmap_path.name, seed.IDMAP_EXAMPLE),
                                 ("template", TEMPLATE_FILE, seed.USER_CONFIG_TEMPLATE),
                                 ("schema", SCHEMA_FILE, seed.USER_CONFIG_SCHEMA),
@@ -297,7 +292,7 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
         if role not in src.files:
             _write(conf_dir / dest, default)
     if src.endpoint_id:
-        _write(conf_dir / "endpoint.json", json.dumps({"endpoint_id": src.endpoint_id}) + "\n")
+        _write(layout.upstream_endpoint_file(conf_dir), json.dumps({"endpoint_id": src.endpoint_id}) + "\n")
     _write(conf_dir / KEY_FILE, secrets.token_bytes(32), 0o640, (0, broker.pw_gid))
     broker_argv = [sys.executable, "-I", "-m", "broker.main", "--conf-dir", str(conf_dir), "--key",
                    str(conf_dir / KEY_FILE)]
@@ -305,10 +300,10 @@ def _write_all(conf_dir, name, broker, display_name, pam, pam_service, high_assu
         broker_user=broker.pw_name, key_file=conf_dir / KEY_FILE, broker_argv=json.dumps(broker_argv),
         uep_argv=json.dumps([uep_executable, "_start-user-endpoint", "{name}"]), pam_enable=str(pam).lower(),
         pam_service=pam_service))
-    _write(conf_dir / "endpoint.log", "", 0o640, (broker.pw_uid, broker.pw_gid))
-    (conf_dir / "run").mkdir(mode=0o700)
-    os.chown(conf_dir / "run", broker.pw_uid, broker.pw_gid)
+    _write(layout.log_file(conf_dir), "", 0o640, (broker.pw_uid, broker.pw_gid))
+    layout.run_dir(conf_dir).mkdir(mode=0o700)
+    os.chown(layout.run_dir(conf_dir), broker.pw_uid, broker.pw_gid)
     if high_assurance:
-        audit = pathlib.Path(audit_log_path or conf_dir / "audit.log")
+        audit = pathlib.Path(audit_log_path or layout.default_audit_file(conf_dir))
         if not audit.exists():
             _write(audit, "", 0o600, (broker.pw_uid, broker.pw_gid))

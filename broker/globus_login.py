@@ -32,7 +32,9 @@ import globus_sdk
 from globus_sdk.scopes import AuthScopes, ComputeScopes
 from globus_sdk.token_storage import JSONTokenStorage
 
-TOKEN_FILE = "globus_tokens.json"
+from broker import layout
+from broker.layout import TOKEN_FILE  # noqa: F401 - mepctl names it
+
 ID_VAR, SECRET_VAR = "GLOBUS_COMPUTE_CLIENT_ID", "GLOBUS_COMPUTE_CLIENT_SECRET"
 # upstream's (globus_compute_endpoint.auth.get_globus_app_with_scopes)
 SCOPES = {ComputeScopes.resource_server: [ComputeScopes.all],
@@ -54,7 +56,7 @@ def select_auth(config) -> None:
 
 
 def token_file(config):
-    return config.conf_dir / "run" / TOKEN_FILE
+    return layout.token_file(config.conf_dir)
 
 
 def client_credentials(config) -> tuple[str, str] | None:

@@ -13,7 +13,9 @@ import fcntl
 import os
 import pathlib
 
-FILE = "mep.lock"
+from broker import layout
+
+FILE = layout.LOCK_FILE
 RESUME_ENV = "MEP_LOCK_FD"  # the fd a re-exec'd image goes on holding
 
 
@@ -21,12 +23,12 @@ class AlreadyRunning(Exception):
     pass
 
 
-def acquire(run_dir: pathlib.Path, name: str) -> int:
+def acquire(conf_dir: pathlib.Path, name: str) -> int:
     """The locked fd, or AlreadyRunning naming the pid that holds the lock."""
     if (inherited := os.environ.pop(RESUME_ENV, None)) is not None:
         os.set_inheritable(int(inherited), False)
         return int(inherited)
-    path = run_dir / FILE
+    path = layout.lock_file(conf_dir)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

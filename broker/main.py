@@ -22,7 +22,7 @@ import attrs
 os.environ["SPT_NOENV"] = "1"  # setproctitle: the title fits in argv; the environment stays readable in /proc
 import setproctitle  # noqa: E402
 
-from broker import console, heartbeat as heartbeat_mod, lock, logs, reexec, registration as registration_mod, tls
+from broker import console, heartbeat as heartbeat_mod, layout, lock, logs, reexec, registration as registration_mod, tls
 from broker.admin import AdminError, AdminServer, socket_path
 from broker.audit import AuditLog
 from broker.commands import StartCommand
@@ -83,8 +83,8 @@ def pam_problem(config: MEPConfig, helper_pam: str) -> str | None:
         return None
     def said(service):
         return f"PAM on with service {service!r}" if service else "PAM off"
-    return (f"{config.conf_dir / 'config.yaml'} says {said(want)} (pam: enable, service_name), but the root helper's "
-            f"policy says {said(helper_pam)} ([pam] enabled and service in {config.conf_dir / 'helper-policy.toml'}, "
+    return (f"{layout.config_file(config.conf_dir)} says {said(want)} (pam: enable, service_name), but the root helper's "
+            f"policy says {said(helper_pam)} ([pam] enabled and service in {layout.policy_file(config.conf_dir)}, "
             "or in the file given to `mepctl start --policy`); the policy decides what runs: edit one of the two "
             "files so that they agree, then start again")
 
@@ -132,13 +132,13 @@ async def run(args) -> int:
         print(f"mep-broker: {e}", file=sys.stderr)
         return EX_CONFIG
     try:
-        logs.setup(config.conf_dir / "endpoint.log", console=args.log_to_console, debug=args.debug or config.debug)
+        logs.setup(layout.log_file(config.conf_dir), console=args.log_to_console, debug=args.debug or config.debug)
     except OSError as e:
         logs.setup(None, debug=args.debug)
         logs.get().error("cannot write endpoint.log; logging to stderr only", error=str(e))
     log = logs.get().bind(mep=config.name)
     try:  # before the registration and the admin socket, which a second broker would take over
-        lock_fd = lock.acquire(config.conf_dir / "run", config.name)
+        lock_fd = lock.acquire(config.conf_dir, config.name)
     except (lock.AlreadyRunning, OSError) as e:
         log.error("cannot start", error=str(e))
         if not args.log_to_console:

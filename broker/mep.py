@@ -23,7 +23,7 @@ import aiormq.exceptions
 import yaml
 from cryptography.fernet import Fernet
 
-from broker import commands, limits, notices, registration as registration_mod, templates
+from broker import commands, layout, limits, notices, registration as registration_mod, templates
 from broker.config import MEPConfig
 from broker.helper_client import HelperClient, HelperGone, HelperRefused, InvalidRequest
 from broker.idmap import IdentityMapper
@@ -100,7 +100,7 @@ class MEP:
         self.amqp = None  # the robust connection while serving
         self.amqp_lost_at, self.amqp_failures = None, 0  # while it reconnects: since when, attempts failed
         self.started = time.time()
-        self.journal = Journal(config.conf_dir / "run" / "inflight.json", log)
+        self.journal = Journal(layout.journal_file(config.conf_dir), log)
         helper.on_exit = self.on_exit
         self.batch = BatchCleanup(helper, log, lambda: load_user_environment(self.config.user_environment_path))
 

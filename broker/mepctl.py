@@ -6,9 +6,8 @@ import os
 import pathlib
 import sys
 
-from broker import admin_client, boot
+from broker import admin_client, boot, layout
 from broker import configure as configure_mod
-from broker.admin import socket_path
 
 
 def cmd_start(args) -> int:
@@ -20,7 +19,7 @@ def cmd_start(args) -> int:
     if args.policy:
         policy = args.policy
     elif args.name:
-        policy = str(args.config_root / args.name / configure_mod.POLICY_FILE)
+        policy = str(layout.policy_file(args.config_root / args.name))
         if not os.path.exists(policy):
             print(f"mepctl start: no endpoint {args.name!r} under {args.config_root} ({policy} is missing); create it "
                   f"with `mepctl configure --multi-user {args.name}`", file=sys.stderr)
@@ -56,7 +55,7 @@ def cmd_configure(args) -> int:
 
 
 def _socket(args) -> pathlib.Path:
-    return args.socket or socket_path(args.config_root.expanduser().resolve() / args.name)
+    return args.socket or layout.socket_file(args.config_root.expanduser().resolve() / args.name)
 
 
 def _json_arg(text: str, what: str):
@@ -95,7 +94,7 @@ def cmd_boot(args) -> int:
         if args.command == "disable-on-boot":
             print(boot.disable(args.name, args.unit_dir))
             return 0
-        if not (args.config_root.expanduser() / args.name / "config.yaml").exists():
+        if not layout.config_file(args.config_root.expanduser() / args.name).exists():
             raise boot.BootError(f"no endpoint {args.name!r} under {args.config_root}; create it with "
                                  f"`mepctl configure --multi-user {args.name}`")
         try:
@@ -122,7 +121,7 @@ def cmd_login(args) -> int:
     conf_dir = args.config_root.expanduser().resolve() / args.name
     try:
         config = load_config(conf_dir)
-        run = os.stat(conf_dir / "run")
+        run = os.stat(layout.run_dir(conf_dir))
     except (ConfigError, OSError) as e:
         print(f"mepctl login: {e}", file=sys.stderr)
         return 78

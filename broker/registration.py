@@ -30,10 +30,9 @@ import urllib.parse
 import globus_sdk
 from globus_compute_common.sdk_version_sharing import user_agent_substring
 
-from broker import globus_login
+from broker import globus_login, layout
 
-STATIC = "registration.json"
-ENDPOINT_FILE = "endpoint.json"
+STATIC, ENDPOINT_FILE = layout.STATIC_REGISTRATION, layout.ENDPOINT_FILE
 
 
 class RegistrationError(Exception):
@@ -104,7 +103,7 @@ def metadata(config) -> dict:
         template = text(config.user_config_template_path.with_suffix(""))
     return {"endpoint_version": SDK_VERSION, "python_version": platform.python_version(),
             "hostname": socket.getfqdn(), "local_user": pwd.getpwuid(os.getuid()).pw_name,
-            "endpoint_config": text(config.conf_dir / "config.yaml"), "user_config_template": template,
+            "endpoint_config": text(layout.config_file(config.conf_dir)), "user_config_template": template,
             "user_config_schema": schema}
 
 
@@ -128,14 +127,15 @@ def client(config, url: str) -> globus_sdk.ComputeClientV3:
     if globus_login.client_credentials(config) is None and not globus_login.has_login(config):
         raise CredentialRefused(
             f"no Globus credential to register with {url}: set {globus_login.ID_VAR} and {globus_login.SECRET_VAR} "
-            f"(or client_credentials_file in {config.conf_dir / 'config.yaml'}) for a client identity, or run "
+            f"(or client_credentials_file in {layout.config_file(config.conf_dir)}) for a client identity, or run "
             f"`mepctl login {config.name}` as root to log in as yourself (or set compute_service_token_file)")
     return globus_sdk.ComputeClientV3(base_url=url, app=globus_login.make_app(config), app_name=ua)
 
 
 def peek(config) -> str | None:
     """The endpoint id without asking the service (for a reload check)."""
-    for path in (config.conf_dir / STATIC, config.conf_dir / ENDPOINT_FILE, config.conf_dir / "run" / ENDPOINT_FILE):
+    for path in (layout.static_registration_file(config.conf_dir), layout.upstream_endpoint_file(config.conf_dir),
+                 layout.saved_endpoint_file(config.conf_dir)):
         try:
             return str(json.loads(path.read_text())["endpoint_id"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -153,14 +153,14 @@ def registered_high_assurance(saved) -> bool | None:
 
 
 def obtain(config, log) -> dict:
-    static = config.conf_dir / STATIC
+    static = layout.static_registration_file(config.conf_dir)
     if static.exists():
         return check(json.loads(static.read_text()), str(static))
     url = service_url(config)
-    saved = config.conf_dir / "run" / ENDPOINT_FILE
+    saved = layout.saved_endpoint_file(config.conf_dir)
     endpoint_id = peek(config)
     if (registered := registered_high_assurance(saved)) is not None and registered != config.high_assurance:
-        raise RegistrationError(f"{config.conf_dir / 'config.yaml'} says high_assurance: "
+        raise RegistrationError(f"{layout.config_file(config.conf_dir)} says high_assurance: "
                                 f"{str(config.high_assurance).lower()}, but this endpoint was registered with "
                                 f"high_assurance: {str(registered).lower()} ({saved}); high assurance is fixed at "
                                 "registration: put the setting back, or configure a new endpoint")

@@ -25,11 +25,7 @@ import pathlib
 import uuid
 
 import attrs
-import jinja2
-import jinja2.meta
-import jsonschema
 import yaml
-from jinja2.sandbox import SandboxedEnvironment
 
 from broker import config as config_mod
 from privhelper.policy import DEFAULT_ENV_DENY, FIXED_ENV
@@ -158,7 +154,11 @@ def _convert_config(src: Sources, path: pathlib.Path) -> None:
 
 
 def check_template(path: pathlib.Path) -> list:
-    """Parse it as the broker's sandbox will; returns notes on what it includes (not copied)."""
+    """Parse it as the broker's sandbox will; returns notes on what it includes (not copied).
+    jinja2 is imported here, not at the top: `mepctl` runs as root and loads this module for
+    every command, and only a configure that copies a template parses one (it never renders)."""
+    import jinja2.meta
+    from jinja2.sandbox import SandboxedEnvironment
     text = _read(path)
     try:
         ast = SandboxedEnvironment().parse(text)
@@ -169,6 +169,7 @@ def check_template(path: pathlib.Path) -> list:
 
 
 def check_schema(path: pathlib.Path) -> None:
+    import jsonschema  # here, not at the top: see check_template
     try:
         schema = json.loads(_read(path))
         jsonschema.validators.validator_for(schema).check_schema(schema)

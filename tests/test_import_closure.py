@@ -70,3 +70,41 @@ def test_root_part_stays_small():
     lines = [line for package in ("protocol", "privhelper") for path in sorted((ROOT / package).glob("*.py"))
              for line in path.read_text().splitlines() if line.strip()]
     assert len(lines) < ROOT_LINE_LIMIT, f"the root part has {len(lines)} non-blank lines, limit {ROOT_LINE_LIMIT}"
+
+
+# what root's CLI must never load: the broker's server stack (AMQP, templates, schemas,
+# identity mapping, crypto, Globus) and the broker modules that pull it in
+SERVER_STACK = ("aio_pika", "aiormq", "pamqp", "jinja2", "jsonschema", "globus_identity_mapping", "cryptography",
+                "globus_sdk", "globus_compute_common", "setproctitle")
+SERVER_MODULES = ("broker.mep", "broker.admin", "broker.main", "broker.templates", "broker.idmap", "broker.notices",
+                  "broker.helper_client", "broker.registry", "broker.registration", "broker.globus_login")
+# every mepctl command that runs without the broker's help, and each one that asks it (over
+# the admin socket client, broker/admin_client.py), against an endpoint that does not exist
+MEPCTL_RUNS = (["start", "nosuch"], ["configure", "nosuch"], ["status", "nosuch"], ["list", "nosuch"],
+               ["stop", "nosuch"], ["reload", "nosuch"], ["stop-uep", "nosuch", "x"],
+               ["check-idmap", "nosuch", "--identity", "/dev/null"],
+               ["render-user-config", "nosuch", "--identity", "/dev/null"], ["enable-on-boot", "nosuch"],
+               ["disable-on-boot", "nosuch", "--unit-dir", "/nonexistent"])
+
+
+def test_root_cli_closure_loads_nothing_of_the_server_stack(tmp_path):
+    """`mepctl` runs as root (docs/root-code.md), from the project venv: importing it, and running each command,
+    loads the layout, the admin socket client and the configure code, never the broker's
+    server stack. (`mepctl login` alone loads globus_sdk, for Globus' login flow.)"""
+    code = f"""
+import sys, json
+sys.path.insert(0, {str(ROOT)!r})
+import broker.mepctl
+try:
+    broker.mepctl.main(json.loads(sys.argv[1]) + ["--config-root", {str(tmp_path)!r}])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+    for argv in MEPCTL_RUNS:
+        out = subprocess.run([sys.executable, "-I", "-c", code, json.dumps(argv)], capture_output=True, text=True)
+        assert out.returncode == 0, (argv, out.stderr)
+        modules = json.loads(out.stdout.splitlines()[-1])
+        loaded = [n for n in modules if n.split(".")[0] in SERVER_STACK or n in SERVER_MODULES]
+        assert not loaded, f"mepctl {' '.join(argv)} loads {loaded}"
+        assert "broker.layout" in modules and "broker.admin_client" in modules
