@@ -20,8 +20,8 @@ import stat
 import struct
 import time
 
-from broker import commands, layout
-from broker.mep import Refusal
+from broker import layout, mapping, rendering
+from broker.refusal import Refused
 
 MAX_REQUEST = 1 << 20
 
@@ -122,8 +122,8 @@ class AdminServer:
             return {"ok": True, **await handler(request)}
         except AdminError as e:
             return {"ok": False, "error": str(e)}
-        except Refusal as e:  # what the log would say, and what the user would be told
-            return {"ok": False, "error": str(e), "user_message": e.user_message}
+        except Refused as e:  # what the log would say, and what the user would be told
+            return {"ok": False, "error": e.reason, "user_message": e.user_message}
 
     # -- operations (each returns the reply's fields) -----------------------------------
 
@@ -177,10 +177,7 @@ class AdminServer:
         options, runtime = request.get("options") or {}, request.get("runtime") or {}
         if not isinstance(options, dict) or not isinstance(runtime, dict):
             raise AdminError("options and runtime must be JSON objects")
-        cmd = commands.StartCommand(name="dry-run", amqp_creds={}, user_opts=options, user_runtime=runtime, args=[],
-                                    effective_identity="", identity_set=identity_set(request.get("identity")),
-                                    globus_username="", kwargs={}, timestamp=0)
-        account, mapped = await self.mep.map_account(cmd)
-        rendered = self.mep.render(cmd, account, mapped)
-        return {"username": account.pw_name, "rule": mapped.rule, "yaml": rendered.text,
+        account = await mapping.account_for(self.mep.idmap, identity_set(request.get("identity")))
+        rendered = rendering.render(self.mep.config, account, options, runtime, self.log, "dry-run")
+        return {"username": account.username, "rule": account.mapped.rule, "yaml": rendered.text,
                 "overrides": list(rendered.overrides)}

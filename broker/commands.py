@@ -16,20 +16,12 @@ import time
 
 import attrs
 
+from broker.refusal import Refused
+
 MAX_DEPTH = 100  # lists and objects in a command nest at most this deep
 MAX_SKEW_S = 180  # upstream's: older (or further in the future) commands are refused
 START_COMMAND = "cmd_start_endpoint"
 UEP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # the helper's rule, checked early
-
-
-class CommandRejected(Exception):
-    """The command cannot be served. `kwargs` is what a failure notice needs (it may
-    lack amqp_creds, and then no notice can be sent); the message is for the user."""
-
-    def __init__(self, message: str, kwargs: dict | None = None, log_detail: str | None = None):
-        super().__init__(message)
-        self.kwargs = kwargs if isinstance(kwargs, dict) else {}
-        self.log_detail = log_detail or message
 
 
 @attrs.frozen
@@ -89,8 +81,11 @@ def shallow(text: str, max_depth: int) -> str:
 
 
 def parse(body: bytes, content_type: str | None, timestamp, now: float | None = None) -> StartCommand:
+    """The intake's check of one AMQP message: a StartCommand, or Refused (with the kwargs
+    a failure notice needs, when the body got that far)."""
     if content_type != "application/json":
-        raise CommandRejected("Invalid message type; expecting JSON", log_detail=f"content type {content_type!r}")
+        raise Refused("Invalid message type; expecting JSON",
+                      f"Invalid message type; expecting JSON (content type {content_type!r})")
     too_deep = False
     try:
         try:
@@ -101,38 +96,38 @@ def parse(body: bytes, content_type: str | None, timestamp, now: float | None = 
             raise ValueError("the body is not a JSON object")
         kwargs = msg.get("kwargs", {})
     except (ValueError, RecursionError) as e:
-        raise CommandRejected(f"Unable to deserialize Globus Compute services command. ({type(e).__name__}) {e}") from None
+        raise Refused(f"Unable to deserialize Globus Compute services command. ({type(e).__name__}) {e}") from None
     if too_deep or depth(msg) > MAX_DEPTH:  # templates, schemas and YAML recurse over user_opts
-        raise CommandRejected(f"Invalid server command: nested more than {MAX_DEPTH} levels deep (user_opts or "
-                              "user_runtime?)", kwargs)
+        raise Refused(f"Invalid server command: nested more than {MAX_DEPTH} levels deep (user_opts or "
+                      "user_runtime?)", kwargs=kwargs)
     now = round(time.time() if now is None else now)
     try:
         ts = int(timestamp)
     except (TypeError, ValueError):
-        raise CommandRejected("Invalid server command: no timestamp", kwargs) from None
+        raise Refused("Invalid server command: no timestamp", kwargs=kwargs) from None
     if abs(now - ts) > MAX_SKEW_S:
-        raise CommandRejected("Ignoring command from server\nCommand too old or skew between system clocks is too "
-                              f"large.\n  Command timestamp:  {ts}\n  Endpoint timestamp: {now}", kwargs)
+        raise Refused("Ignoring command from server\nCommand too old or skew between system clocks is too "
+                      f"large.\n  Command timestamp:  {ts}\n  Endpoint timestamp: {now}", kwargs=kwargs)
     if not isinstance(kwargs, dict):
-        raise CommandRejected("Invalid server command: kwargs is not an object")
+        raise Refused("Invalid server command: kwargs is not an object")
     command = msg.get("command")
     if command != START_COMMAND:
-        raise CommandRejected(f"Unknown or invalid command: {str(command)[:80]}", kwargs)
+        raise Refused(f"Unknown or invalid command: {str(command)[:80]}", kwargs=kwargs)
     missing = [k for k in ("globus_effective_identity", "globus_identity_set", "globus_username") if k not in msg]
     if missing:
-        raise CommandRejected(f"Invalid server command.  (KeyError) {missing[0]!r}", kwargs)
+        raise Refused(f"Invalid server command.  (KeyError) {missing[0]!r}", kwargs=kwargs)
     identity_set = msg["globus_identity_set"]
     if not isinstance(identity_set, list) or not all(isinstance(i, dict) for i in identity_set):
-        raise CommandRejected("Invalid server command: globus_identity_set is not a list of identities", kwargs)
+        raise Refused("Invalid server command: globus_identity_set is not a list of identities", kwargs=kwargs)
     name = kwargs.get("name")
     if not isinstance(name, str) or not UEP_NAME_RE.fullmatch(name) or ".." in name:
-        raise CommandRejected("Missing or invalid endpoint name", kwargs)
+        raise Refused("Missing or invalid endpoint name", kwargs=kwargs)
     creds = kwargs.get("amqp_creds")
     if not isinstance(creds, dict) or not isinstance(creds.get("heartbeat_queue_info"), dict):
-        raise CommandRejected("Invalid server command: amqp_creds missing or malformed", kwargs)
+        raise Refused("Invalid server command: amqp_creds missing or malformed", kwargs=kwargs)
     user_opts, user_runtime, args = kwargs.get("user_opts") or {}, kwargs.get("user_runtime") or {}, msg.get("args") or []
     if not isinstance(args, list):
-        raise CommandRejected("Invalid server command: args is not a list", kwargs)
+        raise Refused("Invalid server command: args is not a list", kwargs=kwargs)
     return StartCommand(name=name, amqp_creds=creds, user_opts=user_opts, user_runtime=user_runtime, args=args,
                         effective_identity=str(msg["globus_effective_identity"]), identity_set=identity_set,
                         globus_username=str(msg["globus_username"]), kwargs=kwargs, timestamp=ts)

@@ -11,12 +11,14 @@ backstop for whatever this module does not name.
 
 from __future__ import annotations
 
+from broker.refusal import Refused
 from protocol.errors import ProtocolError
 from protocol.messages import ENV_NAME, ENV_VALUE, MAX_ENV_VARS, MAX_STDIN, USERNAME
 
 
-class LimitBroken(Exception):
-    """`str()` is a sentence that names the value and the limit, for the user and the log."""
+class LimitBroken(Refused):
+    """A value over one of the helper's limits: one sentence that names the value and the
+    limit, for the user and the log alike."""
 
 
 def _check(checker, label: str, value: str) -> str:

@@ -25,18 +25,12 @@ import jsonschema
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
+from broker.refusal import Refused
+
 RESERVED = ("parent_config", "user_runtime", "mapped_identity", "_GC")
 OPTION_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 DEBUG_BEGIN = "Begin Compute endpoint configuration ({lines:,} lines):"
 DEBUG_END = "End Compute endpoint configuration"
-
-
-class TemplateRefused(Exception):
-    """Rendering refused. `user_message` is safe to show the user; str() is for the log."""
-
-    def __init__(self, user_message: str, detail: str | None = None):
-        super().__init__(detail or user_message)
-        self.user_message = user_message
 
 
 @attrs.frozen
@@ -98,7 +92,7 @@ def escape_user(value):
     if isinstance(value, dict):
         for key in value:
             if not isinstance(key, str):
-                raise TemplateRefused(f"option key {key!r} is not a string")
+                raise Refused(f"option key {key!r} is not a string")
         return UserMap(value)
     if isinstance(value, list):
         return UserList(value)
@@ -108,7 +102,7 @@ def escape_user(value):
         return "null"
     if isinstance(value, (bool, int, float)):
         return value
-    raise TemplateRefused(f"{type(value).__name__} is not a valid user config option type")
+    raise Refused(f"{type(value).__name__} is not a valid user config option type")
 
 
 def _shell_escape(value):
@@ -124,19 +118,19 @@ def _shell_escape(value):
 
 def validate_options(user_opts, schema: dict | None) -> None:
     if not isinstance(user_opts, dict):
-        raise TemplateRefused(f"user_endpoint_config must be a JSON object, not {type(user_opts).__name__}")
+        raise Refused(f"user_endpoint_config must be a JSON object, not {type(user_opts).__name__}")
     for name in user_opts:
         if name in RESERVED:
-            raise TemplateRefused(f"'{name}' is a reserved word and cannot be passed in via user config")
+            raise Refused(f"'{name}' is a reserved word and cannot be passed in via user config")
         if not isinstance(name, str) or not OPTION_NAME_RE.fullmatch(name):
-            raise TemplateRefused(f"user config option name {str(name)[:80]!r} is not allowed: names are letters, "
+            raise Refused(f"user config option name {str(name)[:80]!r} is not allowed: names are letters, "
                                   "digits and '_', not starting with a digit, at most 64 characters")
     if schema is not None:
         try:
             jsonschema.validate(instance=user_opts, schema=schema)
         except jsonschema.ValidationError as e:
             where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-            raise TemplateRefused(f"user config option {where} is invalid: {e.message}") from None
+            raise Refused(f"user config option {where} is invalid: {e.message}") from None
 
 
 def load_schema(path: pathlib.Path) -> dict | None:
@@ -146,12 +140,12 @@ def load_schema(path: pathlib.Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise TemplateRefused("the endpoint's user config schema is broken; contact the endpoint administrator",
+        raise Refused("the endpoint's user config schema is broken; contact the endpoint administrator",
                               f"{path}: cannot load the schema: {e}") from None
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
-        raise TemplateRefused("the endpoint's user config schema is broken; contact the endpoint administrator",
+        raise Refused("the endpoint's user config schema is broken; contact the endpoint administrator",
                               f"{path}: not a valid JSON schema: {e.message}") from None
     return schema
 
@@ -163,11 +157,11 @@ def render(template_path: pathlib.Path, schema_path: pathlib.Path, *, user_opts,
     try:
         source = template_path.read_text()
     except OSError as e:
-        raise TemplateRefused(f"the endpoint's user config template cannot be read; {contact}",
+        raise Refused(f"the endpoint's user config template cannot be read; {contact}",
                               f"{template_path}: {e.strerror}") from None
     validate_options(user_opts, load_schema(schema_path))
     if not isinstance(user_runtime, dict):
-        raise TemplateRefused("user_runtime must be an object")
+        raise Refused("user_runtime must be an object")
     env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, loader=jinja2.FileSystemLoader(template_path.parent),
                                autoescape=False, keep_trailing_newline=True)
     env.filters["shell_escape"] = _shell_escape
@@ -177,23 +171,23 @@ def render(template_path: pathlib.Path, schema_path: pathlib.Path, *, user_opts,
     try:
         text = env.from_string(source).render(**variables)
     except jinja2.UndefinedError as e:
-        raise TemplateRefused(f"missing required user config option: {e.message}") from None
+        raise Refused(f"missing required user config option: {e.message}") from None
     except jinja2.exceptions.SecurityError as e:
-        raise TemplateRefused(f"the endpoint's user config template is not allowed to do that; {contact}",
+        raise Refused(f"the endpoint's user config template is not allowed to do that; {contact}",
                               f"{template_path}: sandbox refused: {e}") from None
     except jinja2.TemplateError as e:
-        raise TemplateRefused(f"the endpoint's user config template is broken; {contact}",
+        raise Refused(f"the endpoint's user config template is broken; {contact}",
                               f"{template_path}: {type(e).__name__}: {e}") from None
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise TemplateRefused(f"the rendered user endpoint config is not valid YAML; {contact}",
+        raise Refused(f"the rendered user endpoint config is not valid YAML; {contact}",
                               f"{template_path}: rendered YAML does not parse: {e}") from None
     if not isinstance(config, dict):
-        raise TemplateRefused(f"the rendered user endpoint config is not a mapping; {contact}",
+        raise Refused(f"the rendered user endpoint config is not a mapping; {contact}",
                               f"{template_path}: rendered to a {type(config).__name__}, not a mapping")
     if "high_assurance" in config:
-        raise TemplateRefused(f"error generating template; {contact}",
+        raise Refused(f"error generating template; {contact}",
                               f"{template_path}: `high_assurance` may not be specified in the template")
     overrides = []
     if allowed_functions is not None and config.get("allowed_functions") != list(allowed_functions):

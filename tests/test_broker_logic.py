@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from broker import commands, config, idmap, notices, registration
+from broker.refusal import Refused
 
 IDENT = {"id": "1c6dbe57-4a3e-44e5-826e-0280003585ae", "sub": "1c6dbe57-4a3e-44e5-826e-0280003585ae",
          "username": "jess@example.org", "status": "used", "identity_provider": "62dc25b7-c693-4528-831b-4557a7a0d1e4"}
@@ -43,7 +44,7 @@ def test_a_good_command_parses():
      "KeyError"),
 ])
 def test_bad_commands_are_refused_with_a_reason(raw, ctype, skew, message):
-    with pytest.raises(commands.CommandRejected, match=message):
+    with pytest.raises(Refused, match=message):
         commands.parse(raw, ctype, time.time() - skew)
 
 
@@ -51,12 +52,12 @@ def test_bad_commands_are_refused_with_a_reason(raw, ctype, skew, message):
 def test_uep_names_are_checked_early(name):
     raw = json.loads(body())
     raw["kwargs"]["name"] = name
-    with pytest.raises(commands.CommandRejected, match="endpoint name"):
+    with pytest.raises(Refused, match="endpoint name"):
         commands.parse(json.dumps(raw).encode(), "application/json", time.time())
 
 
 def test_rejection_keeps_kwargs_for_the_notice():
-    with pytest.raises(commands.CommandRejected) as e:
+    with pytest.raises(Refused) as e:
         commands.parse(body(command="bad"), "application/json", time.time())
     assert "amqp_creds" in e.value.kwargs
 
@@ -271,7 +272,7 @@ def test_the_broker_starts_no_thread_at_import():
 
 
 def test_amqp_reconnect_backs_off_to_a_ceiling():
-    from broker.mep import RECONNECT_MAX_S, reconnect_delay
+    from broker.intake import RECONNECT_MAX_S, reconnect_delay
     delays = [reconnect_delay(n) for n in range(1, 10)]
     assert delays[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert delays[5:] == [RECONNECT_MAX_S] * 4 and RECONNECT_MAX_S == 16.0

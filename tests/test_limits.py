@@ -11,6 +11,7 @@ import time
 import pytest
 
 from broker import commands, limits
+from broker.refusal import Refused
 from broker.journal import MAX_BEGUN, Journal
 from broker.session import BrokerSession, InvalidRequest
 from protocol.errors import ProtocolError
@@ -117,14 +118,14 @@ def body_nested(levels: int) -> bytes:
 @pytest.mark.parametrize("levels", [commands.MAX_DEPTH - 1, commands.MAX_DEPTH])
 def test_nesting_up_to_the_limit_is_read(levels):
     assert commands.depth(json.loads(body_nested(levels))) == levels
-    with pytest.raises(commands.CommandRejected) as refused:  # no timestamp: refused after the depth check
+    with pytest.raises(Refused) as refused:  # no timestamp: refused after the depth check
         commands.parse(body_nested(levels), "application/json", None)
     assert "no timestamp" in str(refused.value)
 
 
 @pytest.mark.parametrize("levels", [commands.MAX_DEPTH + 1, 5000, 100_000])
 def test_deeper_nesting_is_refused_with_the_credentials_for_a_notice(levels):
-    with pytest.raises(commands.CommandRejected, match="nested more than 100 levels deep") as refused:
+    with pytest.raises(Refused, match="nested more than 100 levels deep") as refused:
         commands.parse(body_nested(levels), "application/json", time.time())
     assert refused.value.kwargs["amqp_creds"] == {"x": 1}
 

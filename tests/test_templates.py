@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import templates
-from broker.templates import TemplateRefused
+from broker.refusal import Refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,13 +77,13 @@ def test_shell_escape_filter_quotes_for_a_shell(tmp_path):
 
 @pytest.mark.parametrize("name", ["_GC", "parent_config", "user_runtime", "mapped_identity"])
 def test_reserved_names_are_refused(tmp_path, name):
-    with pytest.raises(TemplateRefused, match=f"'{name}' is a reserved word"):
+    with pytest.raises(Refused, match=f"'{name}' is a reserved word"):
         render(tmp_path, **{name: "x"})
 
 
 @pytest.mark.parametrize("name", ["a-b", "1x", "a b", "a\nb: c", "x" * 65])
 def test_top_level_names_must_be_identifiers(tmp_path, name):
-    with pytest.raises(TemplateRefused, match="is not allowed"):
+    with pytest.raises(Refused, match="is not allowed"):
         render(tmp_path, **{name: "v"})
 
 
@@ -91,33 +91,33 @@ def test_schema_validation_and_additional_properties(tmp_path):
     schema = {"type": "object", "properties": {"max_workers": {"type": "integer", "maximum": 4}},
               "additionalProperties": True}
     assert render(tmp_path, schema=schema, max_workers=2, extra="fine").config["engine"]["max_workers"] == 2
-    with pytest.raises(TemplateRefused, match="max_workers is invalid: 9 is greater than the maximum of 4"):
+    with pytest.raises(Refused, match="max_workers is invalid: 9 is greater than the maximum of 4"):
         render(tmp_path, schema=schema, max_workers=9)
     closed = dict(schema, additionalProperties=False)
-    with pytest.raises(TemplateRefused, match="Additional properties are not allowed"):
+    with pytest.raises(Refused, match="Additional properties are not allowed"):
         render(tmp_path, schema=closed, extra="no")
 
 
 def test_broken_schema_is_an_admin_error(tmp_path):
-    with pytest.raises(TemplateRefused) as e:
+    with pytest.raises(Refused) as e:
         render(tmp_path, schema={"type": "no-such-type"})
     assert "contact the endpoint administrator" in e.value.user_message
     assert "not a valid JSON schema" in str(e.value)
 
 
 def test_missing_option_is_reported_by_name(tmp_path):
-    with pytest.raises(TemplateRefused, match="missing required user config option: 'account' is undefined"):
+    with pytest.raises(Refused, match="missing required user config option: 'account' is undefined"):
         render(tmp_path, template="engine: {type: x}\naccount: {{ account }}\n")
 
 
 def test_sandbox_blocks_python_internals(tmp_path):
-    with pytest.raises(TemplateRefused) as e:
+    with pytest.raises(Refused) as e:
         render(tmp_path, template="x: {{ ''.__class__.__mro__[1].__subclasses__() }}\n")
     assert "not allowed" in e.value.user_message
 
 
 def test_high_assurance_is_set_by_the_mep_only(tmp_path):
-    with pytest.raises(TemplateRefused, match="`high_assurance` may not be specified"):
+    with pytest.raises(Refused, match="`high_assurance` may not be specified"):
         render(tmp_path, template="high_assurance: false\nengine: {type: x}\n")
     got = render(tmp_path, template="engine: {type: x}\n", high_assurance=True)
     assert got.text.startswith("high_assurance: true\n") and got.config["high_assurance"] is True
@@ -130,7 +130,7 @@ def test_mep_allowed_functions_override_the_template(tmp_path):
 
 
 def test_rendered_config_must_be_a_mapping(tmp_path):
-    with pytest.raises(TemplateRefused, match="not a mapping"):
+    with pytest.raises(Refused, match="not a mapping"):
         render(tmp_path, template="- just\n- a list\n")
 
 
@@ -183,7 +183,7 @@ def test_the_cluster_example_template_renders_a_config_the_real_uep_accepts(opts
     out = subprocess.run([UEP_PYTHON, "-I", "-c", CHECK_WITH_UEP], input=rendered.text, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["UserEndpointConfig", "GlobusComputeEngine", provider]
-    with pytest.raises(TemplateRefused, match="partition is invalid"):
+    with pytest.raises(Refused, match="partition is invalid"):
         templates.render(examples / "user_config_template.hpc.yaml.j2", examples / "user_config_schema.hpc.json",
                          user_opts={**opts, "partition": "x; rm -rf /"}, user_runtime={}, mapped_identity=IDENTITY,
                          parent_config={}, high_assurance=False, allowed_functions=None)
@@ -247,11 +247,11 @@ def test_the_batch_examples_render_configs_the_real_uep_accepts(kind, opts, expe
 
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
 def test_the_batch_examples_require_an_account_and_refuse_bad_values(kind):
-    with pytest.raises(TemplateRefused, match="'ACCOUNT_ID' is a required property"):
+    with pytest.raises(Refused, match="'ACCOUNT_ID' is a required property"):
         render_example(kind, {})
-    with pytest.raises(TemplateRefused, match="ACCOUNT_ID is invalid"):
+    with pytest.raises(Refused, match="ACCOUNT_ID is invalid"):
         render_example(kind, {"ACCOUNT_ID": "a\nb: c"})
-    with pytest.raises(TemplateRefused, match="NODES_PER_BLOCK is invalid"):
+    with pytest.raises(Refused, match="NODES_PER_BLOCK is invalid"):
         render_example(kind, {"ACCOUNT_ID": "p", "NODES_PER_BLOCK": 0})
-    with pytest.raises(TemplateRefused, match="Additional properties are not allowed"):
+    with pytest.raises(Refused, match="Additional properties are not allowed"):
         render_example(kind, {"ACCOUNT_ID": "p", "queue": "other"})
