@@ -15,7 +15,9 @@ import time
 import attrs
 from cryptography.fernet import Fernet
 
-CRED_FD, AUDIT_FD = 3, 4  # where the helper puts the UEP's ends (privhelper/child.py CHANNEL_FDS)
+from protocol.messages import CHANNEL_FDS  # where the helper puts the UEP's ends (privhelper/child.py)
+
+CRED_FD, AUDIT_FD = CHANNEL_FDS["cred"], CHANNEL_FDS["audit"]
 
 
 @attrs.define

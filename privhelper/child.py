@@ -12,9 +12,9 @@ from privhelper import linux, log
 from privhelper.authorize import Refusal
 from privhelper.pam import PamError, PamSession
 from privhelper.policy import FIXED_ENV
+from protocol.messages import CHANNEL_FDS
 
 ERR_FD = 5  # the child's close-on-exec error pipe: EOF there means exec succeeded
-CHANNEL_FDS = {"stdin": 0, "cred": 3, "audit": 4}
 _CAP_KEYS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 

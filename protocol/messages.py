@@ -27,6 +27,7 @@ MAX_STDIN = 512 * 1024
 MAX_REASON = 1024
 SIGNALS = frozenset({"TERM", "INT", "KILL", "HUP"})
 CHANNELS = ("cred", "audit")  # fixed order: also the order of fds sent with `spawned`
+CHANNEL_FDS = {"cred": 3, "audit": 4}  # the UEP's fd for each: the helper installs it, the broker names it in stdin
 MAX_PID = 1 << 22  # Linux pid_max ceiling
 
 
