@@ -24,6 +24,7 @@ from pathlib import Path
 import aio_pika
 
 from tests import rig
+from tests.rig import wait_for  # noqa: F401 - the one wait (tests/rig.py); test files import it from here too
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 VENV_PYTHON = "/opt/mep/venv/bin/python3"  # has the broker's dependencies (scripts/setup.sh)
@@ -130,15 +131,6 @@ def _copy_pty(master: int, path: Path) -> None:
                 break
             f.write(data)
     os.close(master)
-
-
-def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class LiveMEP:

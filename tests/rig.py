@@ -363,13 +363,22 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pids, timeout=10.0) -> list:
+def wait_for(predicate, timeout=15.0, interval=0.05, what="condition"):
+    """The test suite's one wait: `predicate()`'s first true value, or AssertionError after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left = [p for p in pids if alive(p)]
-        if not left:
-            return []
-        time.sleep(0.05)
+        if (value := predicate()):
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_gone(pids, timeout=10.0) -> list:
+    """The pids of `pids` still alive after up to `timeout` s (empty once all are gone)."""
+    try:
+        wait_for(lambda: not any(alive(p) for p in pids), timeout, what=f"processes {list(pids)} to end")
+    except AssertionError:
+        pass
     return [p for p in pids if alive(p)]
 
 

@@ -17,7 +17,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from tests import rig
-from tests.mep_rig import wait_for
+from tests.rig import alive, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 WAIT_CRED = json.dumps({"cred_wait": 60, "sleep": 60})
@@ -26,14 +26,6 @@ WAIT_CRED = json.dumps({"cred_wait": 60, "sleep": 60})
 def cmdline(pid: int) -> bytes:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def sighup_and_wait(mep, pid: int, count: int) -> None:
