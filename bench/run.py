@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench import e2e, fixture, memory, mep, sessions, spawn, surface
+from bench import e2e, fixture, memory, mep, sessions, spawn, surface, thousand
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024  # the smallest growth VmRSS can show
@@ -114,6 +114,11 @@ def table(results: dict) -> str:
         rows.append(f"{name:28} {r['spawns_per_s']:>9.0f} {r['helper_cpu_s_for_spawns']:>13.2f} "
                     f"{r['live']['root_pss_kib'] / 1024:>13.1f} {r['root_pss_per_uep_kib']:>12.0f} "
                     f"{r['all_exited_after_term_s']:>20.2f}")
+    k = results["many_ueps"]
+    rows.append(f"{k['n']} live UEPs on one MEP: started in {k['all_started_s']:.1f} s ({k['starts_per_s']:.0f}/s); "
+                f"mepctl list max {k['mepctl_list_s']['max']:.2f} s (complete: {k['list_complete']}), status max "
+                f"{k['mepctl_status_s']['max']:.2f} s; SIGHUP kept all: {k['after_hup']['same_session_processes']}; "
+                f"stop {k['stop_s']:.1f} s, {k['probes_left_after_stop']} left")
     s = results["surface"]
     rows.append(f"root surface: ours {s['ours']['total']['modules']} modules / {s['ours']['total']['lines']:,} lines "
                 f"({s['ours']['root_part_lines']:,} of our own); upstream's root MEP {s['upstream']['total']['modules']} "
@@ -172,6 +177,7 @@ def main(argv=None) -> int:
         results["throughput_vs_concurrency"] = concurrency_curve(fx, levels, burst, say)
         results["memory"] = memory.measure(fx, cycles, say)
         results["root_memory"] = sessions.measure(fx, live, say)
+        results["many_ueps"] = thousand.measure(fx, live[-1], say)
         overhead = mep.measure(fx, commands, 50, 100, say)
         results["mep"] = {"latency": percentiles(overhead.pop("latency_ns")), **overhead}
         end = e2e.measure(fx, *e2e_counts, say=say)
