@@ -2,7 +2,8 @@
    it, in nanoseconds, to $MEPB_REPORT_DIR/<argv[1]> if that is set (as a MEP's UEP, whose
    stdout is /dev/null), else to fd 4 (the helper's audit pipe) if open, else to fd 1.
    Built static so that exec costs no dynamic loading. A name (argv[1], the UEP name)
-   starting with "hold" keeps it alive for 5 s, so that many can be alive at once. */
+   starting with "hold" keeps it alive for 5 s, "holdN" (N digits) for N s, so that many
+   can be alive at once. */
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,6 +23,6 @@ int main(int argc, char **argv) {
         fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
     int ok = fd >= 0 && write(fd, buf, n) == n;
     if (argc > 1 && strncmp(argv[1], "hold", 4) == 0)
-        sleep(5);
+        sleep(argv[1][4] >= '0' && argv[1][4] <= '9' ? (unsigned)atoi(argv[1] + 4) : 5);
     return ok ? 0 : 1;
 }

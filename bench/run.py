@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench import e2e, fixture, memory, mep, spawn, surface
+from bench import e2e, fixture, memory, mep, sessions, spawn, surface, thousand
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024  # the smallest growth VmRSS can show
@@ -66,7 +66,19 @@ def plots(results: dict, out: pathlib.Path) -> list:
     fig.tight_layout()
     throughput_png = out / "spawn_throughput.png"
     fig.savefig(throughput_png, dpi=110)
-    return [str(latency_png), str(throughput_png)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, run in results["root_memory"].items():
+        ax.plot([p["t_s"] for p in run["series"]], [p["root_pss_mib"] for p in run["series"]], label=name)
+        ax2.plot([p["t_s"] for p in run["series"]], [p["helper_cpu_s"] for p in run["series"]], label=name)
+    ax.set_xlabel("s since the first spawn request")
+    ax.set_ylabel("root PSS, MiB (helper + session processes)")
+    ax2.set_xlabel("s since the first spawn request")
+    ax2.set_ylabel("helper CPU, s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    memory_png = out / "root_memory.png"
+    fig.savefig(memory_png, dpi=110)
+    return [str(latency_png), str(throughput_png), str(memory_png)]
 
 
 def table(results: dict) -> str:
@@ -95,6 +107,18 @@ def table(results: dict) -> str:
     sizes = ", ".join(f"{k.removesuffix('_kib')} {v / 1024:.1f} MiB" for k, v in mem.items()
                       if k.endswith("_kib") and k != "growth_kib")
     rows.append(f"helper RSS: {sizes}; growth {mem['growth_kib']} KiB over {mem['cycles']} cycles")
+    rows.append("")
+    rows.append(f"{'live UEPs (helper, probes)':28} {'spawns/s':>9} {'helper CPU s':>13} {'root PSS MiB':>13} "
+                f"{'KiB per UEP':>12} {'reaped after TERM s':>20}")
+    for name, r in results["root_memory"].items():
+        rows.append(f"{name:28} {r['spawns_per_s']:>9.0f} {r['helper_cpu_s_for_spawns']:>13.2f} "
+                    f"{r['live']['root_pss_kib'] / 1024:>13.1f} {r['root_pss_per_uep_kib']:>12.0f} "
+                    f"{r['all_exited_after_term_s']:>20.2f}")
+    k = results["many_ueps"]
+    rows.append(f"{k['n']} live UEPs on one MEP: started in {k['all_started_s']:.1f} s ({k['starts_per_s']:.0f}/s); "
+                f"mepctl list max {k['mepctl_list_s']['max']:.2f} s (complete: {k['list_complete']}), status max "
+                f"{k['mepctl_status_s']['max']:.2f} s; SIGHUP kept all: {k['after_hup']['same_session_processes']}; "
+                f"stop {k['stop_s']:.1f} s, {k['probes_left_after_stop']} left")
     s = results["surface"]
     rows.append(f"root surface: ours {s['ours']['total']['modules']} modules / {s['ours']['total']['lines']:,} lines "
                 f"({s['ours']['root_part_lines']:,} of our own); upstream's root MEP {s['upstream']['total']['modules']} "
@@ -121,6 +145,9 @@ def comparisons(results: dict) -> list:
         f"MEP overhead at 50 commands/s: p50 {results['mep']['latency']['p50_ms']:.1f} ms (goal < 15: "
         f"{verdict(results['mep']['latency']['p50_ms'] < 15)}), p99 {results['mep']['latency']['p99_ms']:.1f} ms "
         f"(goal < 50: {verdict(results['mep']['latency']['p99_ms'] < 50)})",
+        "root PSS per live UEP (goal <= 256 KiB, PAM off and on): " + ", ".join(
+            f"{name} {r['root_pss_per_uep_kib']:.0f} KiB ({verdict(r['root_pss_per_uep_kib'] <= 256)})"
+            for name, r in results["root_memory"].items()),
         f"helper RSS idle {mem['idle_kib'] / 1024:.1f} MiB (goal < 20 MB: {verdict(mem['idle_kib'] * 1024 < 20e6)}); "
         f"growth {mem['growth_kib']} KiB over {mem['cycles']} spawn-and-reap cycles (goal: none, that is at most "
         f"the one page RSS can show; one 16-byte object a cycle would be {16 * mem['cycles'] // 1024} KiB: "
@@ -136,9 +163,9 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("bench.run: run as root (it creates users, PAM services and helper policies)", file=sys.stderr)
         return 77
-    n, burst, cycles, levels, commands, e2e_counts = (
-        (30, 100, 300, (1, 8), 50, (2, 3, 20)) if args.quick else
-        (300, 500, 10000, (1, 4, 16, 64, 256), 500, (10, 50, 500)))
+    n, burst, cycles, levels, commands, e2e_counts, live = (
+        (30, 100, 300, (1, 8), 50, (2, 3, 20), (10,)) if args.quick else
+        (300, 500, 10000, (1, 4, 16, 64, 256), 500, (10, 50, 500), (100, 1000)))
     say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.monotonic()
     results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
@@ -149,6 +176,8 @@ def main(argv=None) -> int:
                             "throughput_per_s": raw["throughput_per_s"], "latency_ns": raw["latency_ns"]}
         results["throughput_vs_concurrency"] = concurrency_curve(fx, levels, burst, say)
         results["memory"] = memory.measure(fx, cycles, say)
+        results["root_memory"] = sessions.measure(fx, live, say)
+        results["many_ueps"] = thousand.measure(fx, live[-1], say)
         overhead = mep.measure(fx, commands, 50, 100, say)
         results["mep"] = {"latency": percentiles(overhead.pop("latency_ns")), **overhead}
         end = e2e.measure(fx, *e2e_counts, say=say)

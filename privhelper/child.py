@@ -205,9 +205,11 @@ def fork_exec(account, argv, env, plan, no_new_privs, keep_bounding=False) -> tu
         exec_child(account=account, argv=argv, env=env, plan=plan, err_w=err_w, no_new_privs=no_new_privs, parent_pid=me,
                    keep_bounding=keep_bounding)
     os.close(err_w)
-    with os.fdopen(err_r, "rb") as f:
-        if failure := f.read():
+    try:  # one read: the child writes its failure in one write of at most 1,000 bytes (atomic on a pipe);
+        if failure := os.read(err_r, 4096):  # no file object, whose 8 KiB buffer would be pages of the session process
             os.waitpid(pid, 0)
+    finally:
+        os.close(err_r)
     return pid, failure.decode("utf-8", "replace") or None
 
 

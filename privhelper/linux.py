@@ -21,7 +21,10 @@ def _check(result: int, what: str) -> int:
 
 
 def prctl(option: int, arg2: int = 0) -> int:
-    return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option}, {arg2})")
+    """The message is made only on failure: each object a forked session process makes costs it a page."""
+    if (result := _libc.prctl(option, arg2, 0, 0, 0)) < 0:
+        _check(result, f"prctl({option}, {arg2})")
+    return result
 
 
 class _CapHeader(ctypes.Structure):
@@ -59,12 +62,20 @@ def proc_status() -> dict:
         return dict(line.decode().split(":\t", 1) for line in f.read().splitlines() if b":\t" in line)
 
 
-def set_title(title: str) -> None:
-    """Write `title` over this process's argv area, which /proc/PID/cmdline (ps, pstree)
-    shows: the seed finds the MEP by its title. The area's bounds are the kernel's
-    arg_start and arg_end (/proc/self/stat fields 48 and 49); Python keeps its own copy of
-    argv, so nothing reads the old bytes again."""
+def _argv_area() -> tuple:
+    """The kernel's arg_start and arg_end (/proc/self/stat fields 48 and 49), read once: a
+    forked session process has the same area, and reading the file there costs it ~60 pages."""
     with open("/proc/self/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": field 3 is at index 0
-    start, end = int(fields[45]), int(fields[46])
-    ctypes.memmove(start, title.encode()[:end - start - 1].ljust(end - start, b"\0"), end - start)
+    return int(fields[45]), int(fields[46])
+
+
+_ARGV_START, _ARGV_END = _argv_area()
+
+
+def set_title(title: str) -> None:
+    """Write `title` over this process's argv area, which /proc/PID/cmdline (ps, pstree)
+    shows: the seed finds the MEP by its title. Python keeps its own copy of argv, so
+    nothing reads the old bytes again."""
+    size = _ARGV_END - _ARGV_START
+    ctypes.memmove(_ARGV_START, title.encode()[:size - 1].ljust(size, b"\0"), size)

@@ -28,6 +28,12 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
     assert results["e2e"]["cold"]["n"] == 2 and results["e2e"]["warm"]["n"] == 3 and results["e2e"]["tasks_per_s"] > 0
     assert 0 < results["e2e"]["cold_start_mep_share"] < 1
     assert results["mep"]["latency"]["n"] == 50 and results["mep"]["broker_memory"]["with_100_ueps_kib"] > 0
+    assert set(results["root_memory"]) == {"10 live, PAM off", "10 live, PAM on"}
+    for name, r in results["root_memory"].items():  # every session process counted, and its memory
+        assert r["live"]["sessions"] == 10 and r["live"]["sessions_pss_kib"] > 0 and r["series"], name
+    many = results["many_ueps"]  # the real MEP with 10 live UEPs: listed, kept by a SIGHUP, ended by a stop
+    assert many["list_complete"] and many["status_complete"] and many["after_hup"]["same_session_processes"]
+    assert many["after_hup"]["listed"] == 10 and many["probes_left_after_stop"] == 0
     ours, upstream = results["surface"]["ours"], results["surface"]["upstream"]
     assert ours["third-party"]["modules"] == 0 and upstream["total"]["modules"] > ours["total"]["modules"]
     assert all(p.endswith(".png") and (tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 0 for p in results["plots"])
