@@ -4,8 +4,10 @@ receives is checked through the real helper in tests/test_channel.py and test_ch
 these pin the properties those tests cannot see from the UEP's side (seals, flags, modes,
 which fds the helper keeps). Root only because the rest of the fast tier is."""
 
+import ctypes
 import fcntl
 import os
+import resource
 import signal
 import stat
 
@@ -53,6 +55,7 @@ def test_stdin_is_a_sealed_read_only_memfd(channels):
     assert new == {fd}, "the helper's own writable stdin memfd must be closed once the UEP's end exists"
     assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == ALL_SEALS  # nobody, not even the helper, can change it now
     assert os.pread(fd, 100, 0) == b"the config"
+    assert os.readlink(f"/proc/self/fd/{fd}") == "/memfd:mep-stdin (deleted)"  # what an admin sees in ls -l /proc/PID/fd
     assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
     assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # placed by the session process, never inherited by accident
     assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o400  # no reopen for writing through /proc
@@ -68,6 +71,29 @@ def test_empty_and_large_stdin(channels):
     assert os.pread(child_fds["stdin"], len(big) + 1, 0) == big
 
 
+def test_a_short_write_of_stdin_is_an_error_not_a_truncated_config():
+    """RLIMIT_FSIZE (with SIGXFSZ ignored) makes the kernel write only part of stdin: the
+    UEP must not start on a truncated config. In a forked child, so the limit stays there."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (10, resource.RLIM_INFINITY))
+            try:
+                monitor.make_channels(spawn(stdin=b"x" * 100), {}, [])
+                os.write(w, b"no error")
+            except OSError as e:
+                os.write(w, str(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    said = os.read(r, 1000).decode()
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert said == "short write of the UEP's stdin (100 bytes)"
+
+
 def test_cred_memfd_the_broker_writes_and_the_uep_reads(channels):
     child_fds, broker_fds, new = channels(spawn(channels=("cred",)))
     assert set(child_fds) == {"stdin", "cred"} and len(broker_fds) == 1
@@ -78,6 +104,7 @@ def test_cred_memfd_the_broker_writes_and_the_uep_reads(channels):
     assert fcntl.fcntl(uep, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
     assert stat.S_IMODE(os.fstat(uep).st_mode) == 0o400
     assert fcntl.fcntl(broker, fcntl.F_GET_SEALS) == fcntl.F_SEAL_SEAL  # never sealable: the broker rewrites it
+    assert os.readlink(f"/proc/self/fd/{broker}") == os.readlink(f"/proc/self/fd/{uep}") == "/memfd:mep-cred (deleted)"
     os.pwrite(broker, b"token", 0)
     assert os.pread(uep, 100, 0) == b"token"
     with pytest.raises(OSError):
@@ -117,27 +144,33 @@ def test_describe_names_a_signal_or_an_exit_code():
         assert monitor._describe(status) == expect
 
 
-def title_seen(title: str) -> bytes:
-    """/proc/PID/cmdline of a forked child that has set `title` (this test's own argv stays)."""
+def title_seen(title: str, comm: bytes = b"") -> bytes:
+    """/proc/PID/cmdline of a forked child that has set `title` (this test's own argv stays);
+    `comm`: the child's name first (prctl PR_SET_NAME), which /proc/PID/stat shows in parentheses."""
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
+            os.close(r)
+            os.close(go_w)
+            if comm:
+                ctypes.CDLL(None).prctl(15, ctypes.c_char_p(comm), 0, 0, 0)
             linux.set_title(title)
             os.write(w, b"x")
             os.read(go_r, 1)
         finally:
             os._exit(0)
+    os.close(w)
+    os.close(go_r)
     try:
-        assert os.read(r, 1) == b"x"
+        assert os.read(r, 1) == b"x", "set_title failed in the child"
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read()
     finally:
-        os.write(go_w, b"x")
+        os.close(go_w)
         os.waitpid(pid, 0)
-        for fd in (r, w, go_r, go_w):
-            os.close(fd)
+        os.close(r)
 
 
 def argv_area() -> int:
@@ -151,6 +184,11 @@ def test_set_title_replaces_the_whole_argv_area():
     seen = title_seen(title)
     assert len(seen) == argv_area()  # the whole area, no byte of the old argv left
     assert seen.rstrip(b"\0") == title.encode() and seen.endswith(b"\0")
+
+
+def test_set_title_with_parentheses_and_spaces_in_the_process_name():
+    """/proc/PID/stat's fields are counted after the *last* `)`: a name may hold one."""
+    assert title_seen("the title", comm=b"a) 1 2 (3)").rstrip(b"\0") == b"the title"
 
 
 def test_set_title_is_cut_to_the_area_and_keeps_a_final_nul():
