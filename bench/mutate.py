@@ -50,7 +50,7 @@ TESTS = {
     "privhelper/authorize.py": (["tests/test_authorize.py"], ["tests/test_who.py"]),
     "privhelper/policy.py": (["tests/test_policy_load.py", "tests/test_authorize.py"], ["tests/test_policy.py", "tests/test_who.py"]),
     "privhelper/child.py": (["tests/test_child_direct.py", "tests/test_authorize.py"], ["tests/test_child.py", "tests/test_lifetime.py"]),
-    "privhelper/monitor.py": (["tests/test_monitor_edges.py"], ["tests/test_channel.py", "tests/test_lifetime.py", "tests/test_who.py", "tests/test_policy.py",
+    "privhelper/monitor.py": (["tests/test_monitor_edges.py"], ["tests/test_helper_edges.py", "tests/test_channel.py", "tests/test_lifetime.py", "tests/test_who.py", "tests/test_policy.py",
                                    "tests/test_child.py", "tests/test_pam.py", _RACE, *_LAUNCH_SIGNALS]),
     "privhelper/pam.py": ([], ["tests/test_pam.py"]),
     "privhelper/launch.py": ([], ["tests/test_lifetime.py", *_LAUNCH_SIGNALS]),

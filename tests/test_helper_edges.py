@@ -6,10 +6,11 @@ limit (RLIMIT_NOFILE, set on the running helper with prlimit) is that spawn's re
 import json
 import os
 import resource
+import subprocess
 
 import pytest
 
-from protocol.messages import Ping
+from protocol.messages import Ping, Signal
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 SLEEP = json.dumps({"sleep": 600}).encode()
@@ -76,3 +77,56 @@ def test_out_of_fds_is_that_spawns_refusal(helpers, accounts):
     assert reply.type == "spawned", reply
     assert helper.proc.poll() is None
     assert os.path.exists(f"/proc/{bystander.pid}") and not [e for e in client.events if e.TYPE == "exited"]
+
+
+def fd_links(pid: int) -> dict:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_the_session_process_keeps_no_copy_of_the_ueps_channels(helpers, accounts):
+    """Once the UEP has its stdin, cred and audit fds, the session process (the UEP's
+    parent, which waits for it) holds none of them: the UEP's end of the audit pipe is
+    the UEP's alone, and nothing but the UEP keeps its stdin or credential memfd."""
+    helper, client = helpers()
+    reply = client.spawn(accounts.alice, name="uep1", stdin=SLEEP)
+    assert reply.type == "spawned", reply
+    with open(f"/proc/{reply.pid}/status") as f:
+        session = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+    uep = {link for fd, link in fd_links(reply.pid).items() if fd == 0 or fd >= 3}
+    assert any("mep-stdin" in link for link in uep) and any("mep-cred" in link for link in uep), uep
+    assert any(link.startswith("pipe:") for link in uep), uep  # the audit pipe's write end
+    kept = uep & set(fd_links(session).values())
+    assert not kept, f"the session process {session} still holds {kept}"
+
+
+def test_a_signal_for_a_pid_the_helper_did_not_start_is_refused_while_uep_run(helpers, accounts):
+    """With UEPs running, a signal for another process group (here a root `sleep` of the
+    test's own) is refused as not-our-child and reaches nobody; the UEPs run on."""
+    helper, client = helpers()
+    ueps = [client.spawn(accounts.bob, name="bystander", stdin=SLEEP), client.spawn(accounts.alice, name="uep1", stdin=SLEEP)]
+    assert all(r.type == "spawned" for r in ueps), ueps
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        for sig in ("TERM", "KILL", "HUP"):
+            req = client.req_id()
+            client.request(Signal(req, stranger.pid, sig))
+            answer = client.reply(req)
+            assert answer.type == "refused" and answer.code == "not-our-child", answer
+        assert stranger.poll() is None, "the signal reached a process the helper did not start"
+        for r in ueps:
+            assert os.path.exists(f"/proc/{r.pid}"), r
+        req = client.req_id()  # and the UEP it did start is signalled
+        client.request(Signal(req, ueps[1].pid, "TERM"))
+        assert client.reply(req).type == "signaled"
+        assert f"signal TERM to UEP group {ueps[1].pid} of {accounts.alice.pw_name}" in helper.output()  # the admin's record
+        client.wait_exited(ueps[1].pid)
+        assert os.path.exists(f"/proc/{ueps[0].pid}")
+    finally:
+        stranger.kill()
+        stranger.wait()
