@@ -34,22 +34,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/opt/mep/venv/bin/python"
 LOCK = "/tmp/mep-tests.lock"  # the project's global test lock (see the developers' brief)
+OVERRIDE = None  # --fast-tests / --root-tests: one pair of tiers for every module
 ROOT_MODULES = sorted(str(p.relative_to(ROOT)) for d in ("protocol", "privhelper") for p in (ROOT / d).glob("*.py"))
 
 # module -> (fast tests: no users, no lock; root tests: real users and helpers, under the lock)
+_RACE = "tests/faults/test_hostile_starts.py::test_signals_racing_uep_exits_never_end_the_helper"
+_SEED = "tests/test_seed_running.py::"  # launch mode: the stop and HUP forwarding, the second stop, the titles
+_LAUNCH_SIGNALS = [_SEED + "test_a_second_stop_signal_to_the_root_pid_is_the_administrator_insisting",
+                   _SEED + "test_a_stop_signal_to_the_root_pid_stops_the_mep_cleanly",
+                   _SEED + "test_sighup_to_either_pid_hot_restarts_and_keeps_every_uep",
+                   _SEED + "test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep"]
 _FAST_PROTOCOL = ["tests/test_protocol_edges.py", "tests/test_protocol.py"]
 TESTS = {
     "protocol/": (_FAST_PROTOCOL, ["tests/test_channel.py"]),
     "privhelper/authorize.py": (["tests/test_authorize.py"], ["tests/test_who.py"]),
     "privhelper/policy.py": (["tests/test_policy_load.py", "tests/test_authorize.py"], ["tests/test_policy.py", "tests/test_who.py"]),
     "privhelper/child.py": (["tests/test_child_direct.py", "tests/test_authorize.py"], ["tests/test_child.py", "tests/test_lifetime.py"]),
-    "privhelper/monitor.py": ([], ["tests/test_channel.py", "tests/test_lifetime.py", "tests/test_who.py", "tests/test_policy.py",
-                                   "tests/test_child.py", "tests/test_pam.py"]),
+    "privhelper/monitor.py": (["tests/test_monitor_edges.py"], ["tests/test_helper_edges.py", "tests/test_channel.py", "tests/test_lifetime.py", "tests/test_who.py", "tests/test_policy.py",
+                                   "tests/test_child.py", "tests/test_pam.py", _RACE, *_LAUNCH_SIGNALS]),
     "privhelper/pam.py": ([], ["tests/test_pam.py"]),
-    "privhelper/launch.py": ([], ["tests/test_lifetime.py"]),
+    "privhelper/launch.py": ([], ["tests/test_lifetime.py", *_LAUNCH_SIGNALS]),
     "privhelper/__main__.py": ([], ["tests/test_policy.py"]),
     "privhelper/activation.py": ([], ["tests/test_channel.py"]),
-    "privhelper/linux.py": (["tests/test_child_direct.py"], ["tests/test_child.py"]),
+    "privhelper/linux.py": (["tests/test_child_direct.py", "tests/test_monitor_edges.py"], ["tests/test_child.py"]),
     "privhelper/log.py": ([], ["tests/test_lifetime.py"]),
     "privhelper/__init__.py": ([], []),
     "protocol/__init__.py": ([], []),
@@ -57,6 +64,8 @@ TESTS = {
 
 
 def tests_for(module: str) -> tuple:
+    if OVERRIDE:
+        return OVERRIDE
     return TESTS.get(module) or TESTS.get(module.split("/")[0] + "/", ([], []))
 
 
@@ -344,7 +353,13 @@ def main(argv=None) -> int:
     parser.add_argument("--report", default=None, help="write the results as JSON here")
     parser.add_argument("--timeout-factor", type=float, default=4.0, help="a run this many times the baseline's length is a kill")
     parser.add_argument("--hold", type=float, default=240, help="seconds the global lock is held per batch of root runs")
+    parser.add_argument("--fast-tests", default=None, help="comma-separated: the fast tier for every module, instead of TESTS")
+    parser.add_argument("--root-tests", default=None, help="comma-separated: the root tier for every module, instead of TESTS "
+                        "(a focused run over a few lines: --only ... --root-tests tests/test_x.py::test_y)")
     args = parser.parse_args(argv)
+    global OVERRIDE
+    if args.fast_tests is not None or args.root_tests is not None:
+        OVERRIDE = tuple([t for t in (v or "").split(",") if t] for v in (args.fast_tests, args.root_tests))
     modules = args.modules or ROOT_MODULES
     mutants = [m for mod in modules for m in mutants_of(mod, (ROOT / mod).read_text())]
     if args.only:

@@ -238,13 +238,20 @@ def test_a_command_interrupted_twice_is_refused_not_retried_forever(live, accoun
     wait_for(lambda: started(mep, alice), what="the next start")
 
 
-def test_signals_racing_uep_exits_never_end_the_helper(helpers, accounts, rigdir):
+RACE_ROUNDS, RACE_SECONDS = 2000, 50  # whichever comes first (issue 15: "2,000 iterations or 60 s")
+
+
+def test_signals_racing_uep_exits_never_end_the_helper(helpers, accounts, rigdir, record_property):
     """A TERM, HUP or KILL for a UEP that has just exited, but whose exit the helper has
-    not yet read, is that request's refusal ("already-exited"), never the helper's end."""
+    not yet read, is that request's refusal ("already-exited"), never the helper's end.
+    Looped for a bounded time (up to RACE_ROUNDS rounds or RACE_SECONDS s); another user's
+    UEP, running throughout, keeps its pid."""
     helper, client = helpers(uep_argv=[str(rigdir.probe), "start", "{name}"], max_children=50,
                              max_children_per_user=50)
-    deadline, rounds, outcomes_seen = time.monotonic() + 40, 0, set()
-    while rounds < 400 and time.monotonic() < deadline:
+    bystander = client.spawn(accounts.bob, name="bystander", stdin=json.dumps({"sleep": 600}).encode(), channels=())
+    assert bystander.type == "spawned", bystander
+    deadline, rounds, outcomes_seen = time.monotonic() + RACE_SECONDS, 0, {}
+    while rounds < RACE_ROUNDS and time.monotonic() < deadline:
         rounds += 1
         reply = client.spawn(accounts.alice, name=f"race{rounds}", stdin=json.dumps({"exit": 0}).encode(),
                              channels=())
@@ -253,8 +260,13 @@ def test_signals_racing_uep_exits_never_end_the_helper(helpers, accounts, rigdir
             req = client.req_id()
             client.request(Signal(req, reply.pid, sig))
             answer = client.reply(req)
-            outcomes_seen.add(answer.code if answer.type == "refused" else answer.type)
+            outcome = answer.code if answer.type == "refused" else answer.type
+            outcomes_seen[outcome] = outcomes_seen.get(outcome, 0) + 1
             assert answer.type == "signaled" or answer.code in ("already-exited", "not-our-child"), answer
         client.wait_exited(reply.pid)
+    record_property("race_rounds", rounds)
+    print(f"signal race: {rounds} rounds, outcomes {outcomes_seen}")
     assert helper.proc.poll() is None, helper.output()[-3000:]
+    assert rig.alive(bystander.pid), f"the bystander UEP {bystander.pid} is gone after {rounds} rounds"
+    assert not [e for e in client.events if e.TYPE == "exited" and e.pid == bystander.pid], "the bystander exited"
     assert "already-exited" in outcomes_seen, (rounds, outcomes_seen)  # the race was really run
