@@ -151,10 +151,10 @@ def create(req: PolicyRequest, say=print, ac=None) -> str:
         raise PolicyError(f"could not reach Globus Auth to create the authentication policy: {e}") from None
     policy = r["policy"]
     what = [f"project {policy['project_id']}"]
-    what += [f"allowed domains {', '.join(policy['domain_constraints_include'])}"] * bool(
-        policy.get("domain_constraints_include"))
-    what += [f"excluded domains {', '.join(policy['domain_constraints_exclude'])}"] * bool(
-        policy.get("domain_constraints_exclude"))
+    if policy.get("domain_constraints_include"):
+        what.append(f"allowed domains {', '.join(policy['domain_constraints_include'])}")
+    if policy.get("domain_constraints_exclude"):
+        what.append(f"excluded domains {', '.join(policy['domain_constraints_exclude'])}")
     if policy.get("authentication_assurance_timeout") is not None:
         what.append(f"authentication within {policy['authentication_assurance_timeout']} s")
     if policy.get("high_assurance"):

@@ -385,6 +385,9 @@ class ComputeService:
             raise ServiceError(404, "TASK_NOT_FOUND", f"Task {task_id} not found")
         if task.high_assurance:
             self.check_policy(self.endpoints[self.ueps[task.uep].mep], identity_set, authenticated_at)
+            if task.result is not None:
+                log.info("HA task %s: result retrieved through the API by %s (policy checked)", task.id,
+                         identity.get("username"))
         doc = {"task_id": task.id, "status": task.status, "completion_t": None}
         if task.result is not None:
             result = messagepack.unpack(task.result)
