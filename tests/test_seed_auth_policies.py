@@ -9,6 +9,7 @@ selects a non-production Auth (GLOBUS_SDK_SERVICE_URL_AUTH), never patched."""
 
 import json
 import os
+import select
 import subprocess
 import time
 import urllib.request
@@ -123,7 +124,7 @@ def test_without_a_project_id_a_terminal_picks_or_creates_one(rigdir, service, c
     import pty
     master, slave = pty.openpty()
     proc_out = configure_on_tty(rigdir, service, croot, master, slave,
-                                ["mep-a"], answers=["", "New project", "admin@example.org", "", "", "y"])
+                                ["mep-a"], answers=["New project", "admin@example.org", "", "", "y"])
     made = service.get("/v2/api/projects")["projects"]
     assert [p["display_name"] for p in made] == ["New project"], proc_out
     policy_id = config_yaml(croot, "mep-a")["authentication_policy"]
@@ -146,18 +147,21 @@ def configure_on_tty(rigdir, service, croot, master, slave, names, answers) -> s
     os.close(slave)
     text, pending = b"", list(answers)
     deadline = time.time() + 60
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if not ready:
+            continue
         try:
             chunk = os.read(master, 4096)
         except OSError:
             break
-        if not chunk:
-            break
         text += chunk
-        while pending and text.rstrip().endswith(b":"):
+        if text.rstrip().endswith(b":"):
+            if not pending:
+                proc.kill()
+                break
             os.write(master, pending.pop(0).encode() + b"\n")
             text += b"\n"
-            break
     proc.wait(timeout=30)
     os.close(master)
     out = text.decode(errors="replace")
