@@ -5,6 +5,10 @@ CONFIG = """\
 # The settings of each user's endpoint live in user_config_template.yaml.j2.
 display_name: {display_name}
 
+# The port of the command queue (AMQPS); 443 passes most site firewalls. Leave it out to
+# take the port the service names at registration.
+amqp_port: 443
+
 # How Globus identities map to local accounts (required: this endpoint changes users).
 # Edits are picked up while the endpoint runs; an invalid edit is refused and logged.
 identity_mapping_config_path: {idmap_path}

@@ -82,6 +82,8 @@ cat > "$CONF/example_identity_mapping_config.json" <<'JSON'
 JSON
 printf '%s' "$ADMIN" > "$CONF/service.token"
 chown root:mep-demo-broker "$CONF/service.token"; chmod 0640 "$CONF/service.token"
+# The local service's RabbitMQ listens on 5672 (plain AMQP on the loopback), not 443.
+sed -i 's/^amqp_port: 443$/amqp_port: 5672/' "$CONF/config.yaml"
 cat >> "$CONF/config.yaml" <<YAML
 
 # The demo registers with the local compute service (not the Globus cloud).

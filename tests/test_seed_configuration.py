@@ -143,6 +143,7 @@ def test_configure_as_root_with_no_config_root_makes_a_directory_start_accepts(r
         load_policy(str(conf_dir / "helper-policy.toml"))  # the helper's own checks, the trusted path included
         config = load_config(conf_dir)
         assert config.display_name is None  # the seed's `display_name: null`
+        assert config.amqp_port == 443  # the seed's `amqp_port: 443`
         assert config.subscription_id == "00000000-0000-0000-0000-00000000000a"  # written without high assurance
         assert config.authentication_policy == "00000000-0000-0000-0000-00000000000b"
     finally:
