@@ -96,9 +96,11 @@ def endpoint_name_problem(name: str) -> str | None:
 def configure(name: str, root: pathlib.Path, *, display_name=None, broker_user=DEFAULT_BROKER, pam=False,
               pam_service="globus-compute-endpoint", high_assurance=False, subscription_id=None, auth_policy=None,
               audit_log_path=None, allowed_functions=(), uep_executable=DEFAULT_UEP, contact_email=None,
-              files=None, from_upstream=None, say=print) -> pathlib.Path:
+              files=None, from_upstream=None, new_policy=None, say=print) -> pathlib.Path:
     """`files`: role (broker/upstream.ROLES) -> a file to copy instead of the seed's;
-    `from_upstream`: an upstream endpoint directory to convert, keeping its id."""
+    `from_upstream`: an upstream endpoint directory to convert, keeping its id;
+    `new_policy`: a broker/auth_policy.PolicyRequest: create that Globus Auth policy (after
+    every local check, before anything is written) and apply it."""
     if os.geteuid() != 0:
         raise ConfigureError("must run as root: the helper policy and key must be root-owned")
     if problem := endpoint_name_problem(name):
@@ -136,6 +138,12 @@ def configure(name: str, root: pathlib.Path, *, display_name=None, broker_user=D
     except policy_mod.PolicyError as e:
         raise ConfigureError(f"{e}; the root helper would refuse to start from there. Choose a config root that only "
                              f"root can write, e.g. `--config-root {SYSTEM_ROOT}`") from None
+    if new_policy is not None:  # last: a policy is made only for a directory that will be written
+        from broker import auth_policy as policy_maker
+        try:
+            auth_policy = policy_maker.create(new_policy, say=say)
+        except policy_maker.PolicyError as e:
+            raise ConfigureError(str(e)) from None
     conf_dir.mkdir(mode=0o755)
     os.chmod(conf_dir, 0o755)
     try:

@@ -37,6 +37,12 @@ def cmd_configure(args) -> int:
     if not args.multi_user:
         print("mepctl configure: this tool configures multi-user endpoints only; add --multi-user", file=sys.stderr)
         return 64
+    from broker import auth_policy
+    try:
+        new_policy = auth_policy.request_from_flags(args)
+    except auth_policy.PolicyError as e:
+        print(f"mepctl configure: {e}", file=sys.stderr)
+        return 64
     try:
         configure_mod.configure(args.name, args.config_root, display_name=args.display_name,
                                 broker_user=args.broker_user, pam=args.pam, pam_service=args.pam_service,
@@ -44,6 +50,7 @@ def cmd_configure(args) -> int:
                                 auth_policy=args.auth_policy, audit_log_path=args.audit_log_path,
                                 allowed_functions=args.allowed_function, uep_executable=args.uep_executable,
                                 contact_email=args.contact_email, from_upstream=args.from_upstream,
+                                new_policy=new_policy,
                                 files={role: path for role, path in (
                                     ("config", args.core_config or args.manager_config), ("template", args.template_config),
                                     ("schema", args.schema_config), ("user_env", args.user_env_config),
@@ -169,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     conf.add_argument("--pam-service", default="globus-compute-endpoint", help="the PAM service name (default %(default)s)")
     conf.add_argument("--high-assurance", action="store_true", help="a high-assurance endpoint (fixed at registration)")
     conf.add_argument("--subscription-id", help="the Globus subscription (required for high assurance)")
-    conf.add_argument("--auth-policy", help="a Globus authentication policy id")
+    conf.add_argument("--auth-policy", help="apply this existing Globus authentication policy (its id)")
     conf.add_argument("--audit-log-path", help="high assurance: where the audit log goes (default NAME/audit.log)")
     conf.add_argument("--allowed-function", action="append", default=[], metavar="FUNCTION_ID",
                       help="only allow this function (repeatable)")
@@ -188,6 +195,30 @@ def parser() -> argparse.ArgumentParser:
                        ("--user-env-config", "the user environment (user_environment.yaml)"),
                        ("--id-mapping-config", "the identity mapping (identity_mapping_config.json)")):
         files.add_argument(flag, type=pathlib.Path, metavar="FILE", help=what)
+    pol = conf.add_argument_group(
+        "authentication policy creation (the seed's 'Create a New Authentication Policy')",
+        "If any of these is given, configure creates a new Globus Auth policy through globus-sdk (as a client "
+        "identity when GLOBUS_COMPUTE_CLIENT_ID and GLOBUS_COMPUTE_CLIENT_SECRET are set, else after you log in) and "
+        "writes its id to config.yaml (authentication_policy); users are then evaluated against it at every "
+        "submission. Not with --auth-policy.")
+    pol.add_argument("--auth-policy-project-id", metavar="PROJECT_ID",
+                     help="the Globus Auth project the policy belongs to; if not given, configure lists your "
+                     "projects to pick one or creates a new one (on a terminal only)")
+    pol.add_argument("--auth-policy-display-name", metavar="NAME",
+                     help="a user-friendly name for the policy (default: 'Globus Compute Authentication Policy')")
+    pol.add_argument("--auth-policy-description", metavar="TEXT", help="the policy's description")
+    pol.add_argument("--allowed-domains", metavar="DOMAINS",
+                     help="comma-separated domains whose identities can satisfy the policy, wildcards allowed, e.g. "
+                     "'*.edu,globus.org' (domain_constraints_include)")
+    pol.add_argument("--excluded-domains", metavar="DOMAINS",
+                     help="comma-separated domains whose identities fail the policy, wildcards allowed, e.g. "
+                     "'*.edu,globus.org' (domain_constraints_exclude)")
+    pol.add_argument("--auth-timeout", type=int, metavar="SECONDS",
+                     help="how long ago (seconds) the user's last authentication may be; also makes the policy "
+                     "high-assurance (high_assurance: true). The service caches lookups for 60 s, so 60 is the "
+                     "smallest timeout that means anything")
+    pol.add_argument("--auth-policy-mfa-required", action="store_true",
+                     help="require multi-factor authentication (high-assurance policies only)")
     conf.set_defaults(func=cmd_configure)
 
     start = sub.add_parser("start", help="run the helper as root and the broker as the broker account (foreground)",

@@ -75,6 +75,7 @@ class Grant:
     scopes: dict  # resource server -> [scope]
     secret_digest: str | None = None
     revoked: bool = False
+    authenticated_at: float = attrs.field(factory=time.time)  # the login (or client credentials grant)
 
 
 @attrs.define
@@ -141,6 +142,15 @@ class AuthService:
         if access.expires_at < time.time():
             return None
         return access.grant.identity_set
+
+    def authenticated_at(self, token: str) -> dict:
+        """identity id -> when the login behind `token` happened (for a policy's
+        authentication_assurance_timeout); empty for a static token, whose identities say
+        it themselves (`last_authentication`)."""
+        access = self.access.get(token)
+        if access is None:
+            return {}
+        return {i["id"]: access.grant.authenticated_at for i in access.grant.identity_set}
 
     def authenticate_client(self, headers, form) -> tuple[str, str | None]:
         """(client id, secret digest) from HTTP Basic (confidential) or the form's

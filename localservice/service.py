@@ -31,11 +31,29 @@ TASK_GROUP_EXPIRES_MS = 24 * 3600 * 1000
 
 
 class ServiceError(Exception):
-    """An HTTP error in the service's JSON shape: status, code, message."""
+    """An HTTP error in the service's JSON shape: status, code, message; `extra` are more
+    fields of the body (a policy refusal's authorization_parameters)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.extra = status, code, extra or {}
+
+
+HA_WARNING = ("It is your responsibility to ensure disclosure of regulated data, such as Protected Health "
+              "Information, resulting from the submission of this function and its arguments is legally authorized.")
+
+
+def policy_refusal(refusal) -> ServiceError:
+    """A Globus Auth requirements error (GARE), the shape in which Globus services say
+    "this session does not satisfy the policy": a 403 whose authorization_parameters
+    name the policy, so that the SDK (globus_sdk.gare.to_gares; its Client with a
+    GlobusApp) starts the login that would satisfy it; the message says which
+    constraint failed."""
+    message = refusal.message()
+    return ServiceError(403, "AuthorizationRequired", message, extra={
+        "authorization_parameters": {"session_message": message,
+                                     "session_required_policies": [refusal.policy["id"]]},
+        "reason": message})
 
 
 @attrs.define
@@ -46,6 +64,9 @@ class Endpoint:
     multi_user: bool
     allowed_functions: list | None = None
     display_name: str | None = None
+    authentication_policy: str | None = None
+    high_assurance: bool = False
+    subscription_id: str | None = None
 
 
 @attrs.define
@@ -67,6 +88,7 @@ class TaskRecord:
     function: str
     status: str = "waiting-for-ep"
     result: bytes | None = None
+    high_assurance: bool = False  # an HA function's: the result is fetched, never pushed
 
 
 def uep_id(mep_id: str, identity_id: str, config: dict, runtime: dict) -> str:
@@ -97,6 +119,7 @@ class ComputeService:
         self.heartbeats: dict[str, list] = {}  # MEP id -> [(time received, EPStatusReport global_state), ...]
         self.registrations: list[dict] = []  # every registration body as received (GET /v3/endpoints/ID/registrations)
         self._consuming: set[str] = set()  # MEP ids whose heartbeat queue is consumed
+        self.policies = None  # localservice.policies.Policies: Globus Auth's, which it asks (make_app sets it)
         self._load()
 
     # -- persistence: only the endpoints, so that a MEP keeps its id across restarts --
@@ -126,7 +149,10 @@ class ComputeService:
         self.endpoints[endpoint_id] = Endpoint(id=endpoint_id, name=data["endpoint_name"], owner=identity["id"],
                                                multi_user=bool(data.get("multi_user")),
                                                allowed_functions=[str(f) for f in allowed] if allowed else None,
-                                               display_name=data.get("display_name"))
+                                               display_name=data.get("display_name"),
+                                               authentication_policy=_opt_str(data.get("authentication_policy")),
+                                               high_assurance=data.get("high_assurance") is True,
+                                               subscription_id=_opt_str(data.get("subscription_uuid")))
         self._save()
         queue, heartbeats = f"mep.{endpoint_id}.command", f"mep.{endpoint_id}.heartbeats"
         await self.rabbit.queue(queue)
@@ -184,15 +210,40 @@ class ComputeService:
     def register_function(self, identity: dict, data: dict) -> dict:
         if not isinstance(data.get("function_code"), str):
             raise ServiceError(422, "UNPROCESSABLE_ENTITY", "function_code is required")
+        ha_endpoint = None
+        if data.get("ha_endpoint_id"):
+            ha_endpoint = self.endpoint(str(data["ha_endpoint_id"]))
+            if not ha_endpoint.high_assurance:
+                raise ServiceError(400, "BAD_REQUEST", f"Endpoint {ha_endpoint.id} is not a high-assurance endpoint; "
+                                   "ha_endpoint_id must name one")
         function_id = str(uuid.uuid4())
         self.functions[function_id] = {"code": data["function_code"], "name": data.get("function_name"),
-                                       "owner": identity["id"]}
+                                       "owner": identity["id"], "ha_endpoint": ha_endpoint and ha_endpoint.id}
+        if ha_endpoint:
+            log.info("function %s registered as high-assurance for endpoint %s", function_id, ha_endpoint.id)
+            return {"function_uuid": function_id, "ha_warning": HA_WARNING}
         return {"function_uuid": function_id}
+
+    def check_policy(self, mep: Endpoint, identity_set: list, authenticated_at: dict | None) -> None:
+        """Globus Auth's evaluation of the endpoint's authentication policy, as the real
+        service asks for it at every submission and HA result retrieval."""
+        if mep.authentication_policy is None or self.policies is None:
+            return
+        try:
+            refusal = self.policies.evaluate(mep.authentication_policy, identity_set, authenticated_at)
+        except Exception as e:  # noqa: BLE001 - an unknown policy id: Auth's 404
+            raise ServiceError(403, "FORBIDDEN", f"Endpoint {mep.id} names the authentication policy "
+                               f"{mep.authentication_policy}, which Globus Auth does not know ({e})") from None
+        if refusal is not None:
+            log.info("policy %s refuses %s: %s", refusal.policy["id"], identity_set[0].get("username"),
+                     "; ".join(refusal.reasons))
+            raise policy_refusal(refusal)
 
     # -- submission --------------------------------------------------------------------
 
-    async def submit(self, identity_set: list, endpoint_id: str, data: dict) -> dict:
+    async def submit(self, identity_set: list, endpoint_id: str, data: dict, authenticated_at: dict | None = None) -> dict:
         mep = self.endpoint(endpoint_id)
+        self.check_policy(mep, identity_set, authenticated_at)
         identity = identity_set[0]
         tasks = data.get("tasks")
         if not isinstance(tasks, dict) or not tasks:
@@ -203,6 +254,11 @@ class ComputeService:
             if mep.allowed_functions is not None and function_id not in mep.allowed_functions:
                 raise ServiceError(403, "FUNCTION_NOT_PERMITTED",
                                    f"Function {function_id} not permitted on endpoint {mep.id}")
+            ha_endpoint = self.functions[function_id].get("ha_endpoint")
+            if ha_endpoint is not None and ha_endpoint != mep.id:
+                raise ServiceError(403, "FUNCTION_NOT_PERMITTED",
+                                   f"Function {function_id} is a high-assurance function of endpoint {ha_endpoint}; "
+                                   f"it may not run on endpoint {mep.id}")
         if not mep.multi_user:
             raise ServiceError(422, "UNPROCESSABLE_ENTITY", "this local service serves multi-user endpoints only")
         config, runtime = data.get("user_endpoint_config") or {}, data.get("user_runtime") or {}
@@ -215,7 +271,8 @@ class ComputeService:
         for function_id, payloads in tasks.items():
             for payload in payloads:
                 task_id = str(uuid.uuid4())
-                self.tasks[task_id] = TaskRecord(task_id, identity["id"], uep.id, group, function_id)
+                ha = self.functions[function_id].get("ha_endpoint") is not None
+                self.tasks[task_id] = TaskRecord(task_id, identity["id"], uep.id, group, function_id, high_assurance=ha)
                 uep.pending.add(task_id)
                 body = messagepack.pack(Task(task_id=uuid.UUID(task_id),
                                              task_buffer=task_buffer(self.functions[function_id]["code"], payload)))
@@ -225,7 +282,10 @@ class ComputeService:
         await self._send_start(mep, uep, identity_set, config, runtime)
         log.info("%d task(s) from %s for MEP %s -> UEP %s", sum(map(len, out.values())), identity.get("username"),
                  mep.id, uep.id)
-        return {"request_id": str(uuid.uuid4()), "task_group_id": group, "endpoint_id": mep.id, "tasks": out}
+        reply = {"request_id": str(uuid.uuid4()), "task_group_id": group, "endpoint_id": mep.id, "tasks": out}
+        if any(self.functions[f].get("ha_endpoint") for f in out):
+            reply["ha_warning"] = HA_WARNING
+        return reply
 
     async def _user_endpoint(self, mep: Endpoint, identity: dict, config: dict, runtime: dict) -> UserEndpoint:
         """The UEP for this user and config, with a fresh password at every submission:
@@ -302,7 +362,11 @@ class ComputeService:
             return  # already answered (a failure notice came first)
         task.status, task.result = ("failed" if failed else "success"), body
         self.ueps[task.uep].pending.discard(task.id)
-        await self.rabbit.publish(f"tg.{user_tag(task.identity)}.{task.task_group}", body,
+        headers = None
+        if task.high_assurance:  # the seed: only a notice; the Executor fetches the result through the API
+            body = messagepack.pack(Result(task_id=uuid.UUID(task.id), data=""))
+            headers = {"high_assurance": True}
+        await self.rabbit.publish(f"tg.{user_tag(task.identity)}.{task.task_group}", body, headers=headers,
                                   timestamp=datetime.datetime.now(datetime.timezone.utc))
 
     async def result_connection(self, identity: dict) -> dict:
@@ -312,13 +376,25 @@ class ComputeService:
                 f"user-{tag}", read_pattern=f"^tg\\.{tag}\\.[0-9a-f-]+$")
         return {"connection_url": self.result_urls[identity["id"]], "queue_prefix": f"tg.{tag}."}
 
-    def task_status(self, identity: dict, task_id: str) -> dict:
+    def task_status(self, identity_set: list, task_id: str, authenticated_at: dict | None = None) -> dict:
+        """A task's state and result; an HA task's result only while the caller still
+        satisfies its endpoint's policy (the seed: verified at the time of retrieval)."""
+        identity = identity_set[0]
         task = self.tasks.get(task_id)
         if task is None or task.identity != identity["id"]:
             raise ServiceError(404, "TASK_NOT_FOUND", f"Task {task_id} not found")
+        if task.high_assurance:
+            self.check_policy(self.endpoints[self.ueps[task.uep].mep], identity_set, authenticated_at)
+            if task.result is not None:
+                log.info("HA task %s: result retrieved through the API by %s (policy checked)", task.id,
+                         identity.get("username"))
         doc = {"task_id": task.id, "status": task.status, "completion_t": None}
         if task.result is not None:
             result = messagepack.unpack(task.result)
             doc["completion_t"] = str(datetime.datetime.now().timestamp())
             doc["exception" if result.is_error else "result"] = result.data
         return doc
+
+
+def _opt_str(value) -> str | None:
+    return str(value) if value else None

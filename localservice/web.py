@@ -18,6 +18,7 @@ from aiohttp import web
 
 from localservice import auth as auth_mod
 from localservice.auth import AuthError, AuthService
+from localservice.policies import Policies
 from localservice.service import ComputeService, ServiceError
 
 log = logging.getLogger("localservice")
@@ -30,9 +31,9 @@ def load_identities(path: pathlib.Path) -> dict:
     return auth_mod.load(path)["tokens"]
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"code": code, "error": message, "message": message, "http_status_code": status},
-                             status=status)
+def error(status: int, code: str, message: str, extra: dict | None = None) -> web.Response:
+    return web.json_response({"code": code, "error": message, "message": message, "http_status_code": status,
+                              **(extra or {})}, status=status)
 
 
 @web.middleware
@@ -41,7 +42,7 @@ async def errors(request: web.Request, handler):
         return await handler(request)
     except ServiceError as e:
         log.info("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
-        return error(e.status, e.code, str(e))
+        return error(e.status, e.code, str(e), e.extra)
     except AuthError as e:
         log.info("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
         return web.json_response({"error": e.code, "error_description": str(e),
@@ -58,12 +59,24 @@ def bearer(request: web.Request) -> str:
 
 def make_app(service: ComputeService, auth: AuthService) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=10 * 1024 * 1024)
+    policies = service.policies = Policies()
 
     def caller(request: web.Request) -> list:
         identity_set = auth.identity_set(bearer(request))
         if not identity_set:
             raise ServiceError(401, "UNAUTHORIZED", "missing, unknown or expired bearer token")
         return identity_set
+
+    def authenticated_at(request: web.Request) -> dict:
+        return auth.authenticated_at(bearer(request))
+
+    def auth_caller(request: web.Request) -> dict:
+        """Who calls Globus Auth's API (projects, policies): a token for auth.globus.org
+        (manage_projects), or a static one."""
+        identity_set = auth.identity_set(bearer(request), auth_mod.AUTH_RESOURCE_SERVER)
+        if not identity_set:
+            raise AuthError(401, "UNAUTHORIZED", "missing, unknown or expired bearer token for auth.globus.org")
+        return identity_set[0]
 
     async def version(request):
         return web.json_response({"api": API_VERSION, "min_sdk_version": MIN_VERSION, "min_ep_version": MIN_VERSION,
@@ -101,18 +114,40 @@ def make_app(service: ComputeService, auth: AuthService) -> web.Application:
     async def submit(request):
         identity_set = caller(request)
         return web.json_response(await service.submit(identity_set, request.match_info["endpoint_id"],
-                                                      await request.json()))
+                                                      await request.json(), authenticated_at(request)))
 
     async def result_url(request):
         return web.json_response(await service.result_connection(caller(request)[0]))
 
     async def task(request):
-        return web.json_response(service.task_status(caller(request)[0], request.match_info["task_id"]))
+        return web.json_response(service.task_status(caller(request), request.match_info["task_id"],
+                                                     authenticated_at(request)))
 
     async def batch_status(request):
-        identity = caller(request)[0]
+        identity_set, when = caller(request), authenticated_at(request)
         ids = (await request.json()).get("task_ids", [])
-        return web.json_response({"response": "batch", "results": {t: service.task_status(identity, t) for t in ids}})
+        return web.json_response({"response": "batch",
+                                  "results": {t: service.task_status(identity_set, t, when) for t in ids}})
+
+    # -- Globus Auth's projects and policies (localservice/policies.py) --
+
+    async def create_project(request):
+        return web.json_response(policies.create_project(auth_caller(request), await request.json()))
+
+    async def get_projects(request):
+        auth_caller(request)
+        return web.json_response(policies.get_projects())
+
+    async def create_policy(request):
+        return web.json_response(policies.create_policy(auth_caller(request), await request.json()))
+
+    async def get_policies(request):
+        auth_caller(request)
+        return web.json_response(policies.get_policies())
+
+    async def get_policy(request):
+        auth_caller(request)
+        return web.json_response(policies.get_policy(request.match_info["policy_id"]))
 
     # -- Globus Auth (localservice/auth.py) --
 
@@ -160,6 +195,11 @@ def make_app(service: ComputeService, auth: AuthService) -> web.Application:
         web.get("/v2/oauth2/userinfo", userinfo),
         web.post("/v2/oauth2/token/introspect", introspect),
         web.post("/v2/oauth2/token/revoke", revoke),
+        web.post("/v2/api/projects", create_project),
+        web.get("/v2/api/projects", get_projects),
+        web.post("/v2/api/policies", create_policy),
+        web.get("/v2/api/policies", get_policies),
+        web.get("/v2/api/policies/{policy_id}", get_policy),
         web.get("/v2/version", version),
         web.post("/v3/endpoints", register_endpoint),
         web.put("/v3/endpoints/{endpoint_id}", update_endpoint),

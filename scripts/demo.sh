@@ -3,7 +3,9 @@
 # the Globus Compute web service, a MEP configured with `mepctl configure` and started
 # with `mepctl start` (root helper + unprivileged broker), and the real SDK submitting as
 # two Globus identities that map to two POSIX users, then as a function the endpoint
-# does not allow and as an identity it does not map. Everything is stopped at the end.
+# does not allow, as an identity its authentication policy excludes (the policy made by
+# `mepctl configure --excluded-domains` through globus-sdk's AuthClient) and as an
+# identity it does not map. Everything is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '\n[demo] %s\n' "$*"; }
@@ -30,7 +32,8 @@ pgrep -f "localservice.*--port 5000" >/dev/null && { echo "a local service alrea
 
 say "starting the local compute service on http://localhost:5000 (bearer tokens stand in for Globus Auth)"
 tok() { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-ALICE=$(tok) BOB=$(tok) EVE=$(tok) ADMIN=$(tok)
+ALICE=$(tok) BOB=$(tok) EVE=$(tok) MALLORY=$(tok) ADMIN=$(tok)
+ADMIN_CLIENT=$("$PY" -c "import uuid; print(uuid.uuid4())") ADMIN_SECRET=$(tok)
 ident() {
   local id
   id=$("$PY" -c "import uuid,sys; print(uuid.uuid5(uuid.NAMESPACE_DNS, sys.argv[1]))" "$1")
@@ -39,7 +42,9 @@ ident() {
 }
 cat > "$RUN/identities.json" <<JSON
 {"tokens": {"$ALICE": $(ident alice@demo.example), "$BOB": $(ident bob@demo.example),
-            "$EVE": $(ident eve@elsewhere.example), "$ADMIN": $(ident admin@demo.example)}}
+            "$EVE": $(ident eve@elsewhere.example), "$MALLORY": $(ident mallory@excluded.example),
+            "$ADMIN": $(ident admin@demo.example)},
+ "clients": {"$ADMIN_CLIENT": {"secret": "$ADMIN_SECRET"}}}
 JSON
 "$PY" -I -m localservice --identities "$RUN/identities.json" --state "$RUN/service-state.json" --purge-on-exit \
   >"$RUN/service.log" 2>&1 &
@@ -52,11 +57,24 @@ FUNCS=$(GC_TOKEN=$ALICE "$PY" scripts/demo_user.py register)
 echo "    $FUNCS"
 field() { "$PY" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$FUNCS" "$1"; }
 
-say "mepctl configure --multi-user $NAME (only whoami and busy_thread are allowed)"
+# The administrator's Globus identity for configure: a client of the local Globus Auth
+# (upstream's variables), that Auth selected as a user selects a non-production one.
+export GLOBUS_COMPUTE_CLIENT_ID=$ADMIN_CLIENT GLOBUS_COMPUTE_CLIENT_SECRET=$ADMIN_SECRET
+export GLOBUS_SDK_SERVICE_URL_AUTH=http://127.0.0.1:5000/
+PROJECT=$("$PY" -c "
+import os, globus_sdk
+app = globus_sdk.ClientApp('demo', client_id=os.environ['GLOBUS_COMPUTE_CLIENT_ID'],
+                           client_secret=os.environ['GLOBUS_COMPUTE_CLIENT_SECRET'],
+                           config=globus_sdk.GlobusAppConfig(token_storage='memory'))
+ac = globus_sdk.AuthClient(app=app, app_scopes=[globus_sdk.scopes.AuthScopes.manage_projects])
+print(ac.create_project('MEP demo', contact_email='admin@demo.example')['project']['id'])")
+say "mepctl configure --multi-user $NAME (only whoami and busy_thread are allowed; a new policy excludes excluded.example)"
 rm -rf "${ROOT:?}/$NAME"
 "$MEPCTL" configure --multi-user "$NAME" --config-root "$ROOT" --broker-user mep-demo-broker \
   --display-name "MEP demo" --allowed-function "$(field whoami)" --allowed-function "$(field busy_thread)" \
-  | sed 's/^/    /'
+  --auth-policy-project-id "$PROJECT" --auth-policy-display-name "MEP demo policy" \
+  --excluded-domains "excluded.example" | sed 's/^/    /'
+unset GLOBUS_COMPUTE_CLIENT_ID GLOBUS_COMPUTE_CLIENT_SECRET GLOBUS_SDK_SERVICE_URL_AUTH
 CONF="$ROOT/$NAME"
 cat > "$CONF/example_identity_mapping_config.json" <<'JSON'
 [{"DATA_TYPE": "expression_identity_mapping#1.0.0",
@@ -87,6 +105,8 @@ say "bob@demo.example submits (user_endpoint_config max_workers=2)"
 GC_TOKEN=$BOB "$PY" scripts/demo_user.py run "$EID" "$FUNCS" 2
 say "alice submits a function that is not on the endpoint's allow list"
 GC_TOKEN=$ALICE "$PY" scripts/demo_user.py refused "$EID" "$FUNCS"
+say "mallory@excluded.example (a domain the endpoint's authentication policy excludes) submits"
+GC_TOKEN=$MALLORY "$PY" scripts/demo_user.py policy "$EID" "$FUNCS"
 say "eve@elsewhere.example (no identity mapping) submits"
 GC_TOKEN=$EVE "$PY" scripts/demo_user.py unmapped "$EID" "$FUNCS"
 

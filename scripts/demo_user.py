@@ -4,6 +4,8 @@ globus-compute-sdk, against the local compute service (Client(local_compute_serv
     demo_user.py register                 -> prints the ids of the demo's functions (JSON)
     demo_user.py run ENDPOINT_ID FUNCS MAX_WORKERS
     demo_user.py refused ENDPOINT_ID FUNCS
+    demo_user.py unmapped ENDPOINT_ID FUNCS
+    demo_user.py policy ENDPOINT_ID FUNCS   -> the service's refusal by the endpoint's authentication policy
 The bearer token (standing in for the user's Globus login) comes from $GC_TOKEN.
 """
 
@@ -74,7 +76,23 @@ def refused_identity(endpoint_id: str, funcs: dict) -> int:
             return 0
 
 
+def refused_by_policy(endpoint_id: str, funcs: dict) -> int:
+    """The service's answer is a Globus Auth requirements error (HTTP 403): with a
+    GlobusApp the SDK would start the login the policy asks for; with a bare token it
+    raises, and the message says which constraint failed."""
+    with Executor(endpoint_id=endpoint_id, client=client()) as ex:
+        try:
+            ex.submit_to_registered_function(funcs["whoami"]).result(timeout=60)
+            print("    UNEXPECTED: the policy let this identity run a function")
+            return 1
+        except globus_sdk.GlobusAPIError as e:
+            print(f"    refused (HTTP {e.http_status} {e.code}): {e.message[:300]}")
+            return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "policy":
+        sys.exit(refused_by_policy(sys.argv[2], json.loads(sys.argv[3])))
     if sys.argv[1] == "unmapped":
         sys.exit(refused_identity(sys.argv[2], json.loads(sys.argv[3])))
     sys.exit(main(sys.argv[1:]))
