@@ -93,7 +93,7 @@ class Fleet:
         how = ("Command stopped normally" if status == 0 else f"Command return code: {status}" if status > 0
                else f"Command terminated by signal: {-status}")  # upstream's words
         (self.log.info if status == 0 else self.log.warning)(
-            f"user endpoint exited: {how} ({pid}) [{uep.name}]", pid=pid, status=status, user=uep.username,
+            f"user endpoint exited: {how} ({pid}) [({uep.username}, {uep.name})]", pid=pid, status=status, user=uep.username,
             uep=uep.name, uptime_s=round(uep.uptime(), 1))
         self.batch.uep_exited(uep)  # cancel the batch jobs it left, as its user
         if status != 0 and uep.uptime() < EARLY_EXIT_S and uep.amqp_creds and not self.stopping.is_set():

@@ -184,8 +184,9 @@ class Monitor:
         word, _, rest = line.partition(" ")
         if word == "ok" and not rec.answered:
             rec.uep_pid, rec.answered = int(rest), True
-            log.info("spawned req=%s user=%s uid=%d pid=%d argv=%s", rec.req, rec.account.name, rec.account.uid, rec.uep_pid,
-                     [rec.name if a == "{name}" else a for a in self.policy.uep_argv])
+            log.info("Creating new user endpoint (pid: %d) [(%s, %s) %s] req=%s uid=%d", rec.uep_pid, rec.account.name,
+                     rec.name, " ".join(rec.name if a == "{name}" else a for a in self.policy.uep_argv), rec.req,
+                     rec.account.uid)  # upstream's line, with the argv only the policy knows
             self.send(Spawned(rec.req, rec.uep_pid, rec.channels), rec.broker_fds)
             self._close_broker_fds(rec)
         elif word == "refused" and not rec.answered:
@@ -242,7 +243,8 @@ class Monitor:
                         "see the helper log", rec.account.name)
         elif rec.uep_pid is not None:
             code = rec.exit_code if rec.exit_code is not None else -signal.SIGKILL
-            log.info("exited user=%s pid=%d status=%d", rec.account.name, rec.uep_pid, code)
+            log.info("exited user=%s pid=%d status=%d [(%s, %s)]", rec.account.name, rec.uep_pid, code, rec.account.name,
+                     rec.name)
             self.send(Exited(rec.uep_pid, code))
 
 

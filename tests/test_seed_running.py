@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pty
 import signal
 import subprocess
@@ -223,3 +224,44 @@ def test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep(live, ac
         os.killpg(wrapper.pid, signal.SIGTERM)
         rig.reap(wrapper, 30)
         rig.wait_gone(list(mep.reports_now()), 10)
+
+
+# -- "Checking the Logs": the lines about processes starting and stopping, and PAM's ------------------
+
+def test_the_logs_have_the_seeds_start_and_stop_lines(live, accounts):
+    """"Creating new user endpoint (pid: P) [(USER, NAME) ARGV]" (the root helper's log: only its
+    policy knows the argv), "Command process successfully forked for 'USER' (Globus effective
+    identity: ID)." and "Command stopped normally (P) [(USER, NAME)]" (the broker's endpoint.log)."""
+    mep = live(environment={"PROBE_ACTION": json.dumps({"exit": 0})})
+    cmd = mep.command("mept-alice@example.org")
+    mep.publish(cmd)
+    name = cmd["kwargs"]["name"]
+    pid = int(wait_for(lambda: list(mep.reports_now()), what="the UEP's report")[0])
+    wait_for(lambda: "Command stopped normally" in mep.log_path.read_text(), what="the exit line")
+    argv = " ".join(mep.reports_now()[pid][0]["argv"][1:])  # after the interpreter: the launcher and its arguments
+    assert f"Creating new user endpoint (pid: {pid}) [(mept-alice, {name}) " in mep.output(), mep.output()[-3000:]
+    assert argv.split()[-1] == name and argv.split()[-1] in mep.output()
+    log = mep.log_path.read_text()
+    assert (f"Command process successfully forked for 'mept-alice' (Globus effective identity: "
+            f"{cmd['globus_effective_identity']}).") in log, log[-3000:]
+    assert f"Command stopped normally ({pid}) [(mept-alice, {name})]" in log, log[-3000:]
+
+
+def test_a_pam_refusal_is_logged_with_its_code_and_reaches_the_user(live, accounts, rigdir):
+    """The seed's pam_shells example: a user whose shell is not in /etc/shells does not start,
+    and the log has "(error code: 7 [PAM_AUTH_ERR]) Authentication failure"."""
+    assert accounts.badshell.pw_shell not in pathlib.Path("/etc/shells").read_text().split()
+    service = rig.pam_service(f"shells-{os.urandom(3).hex()}", "account requisite pam_shells.so\n"
+                                                              "session required pam_limits.so\n")
+    try:
+        mep = live(policy={"pam": {"enabled": True, "service": service}})
+        cmd = mep.command("mept-badshell@example.org")
+        mep.publish(cmd)
+        notice = mep.notice(cmd)
+        assert notice, mep.output()[-3000:]
+        said = notice["data"]["global_state"]["error"]
+        assert "(error code: 7 [PAM_AUTH_ERR]) Authentication failure" in said, said
+        assert "(error code: 7 [PAM_AUTH_ERR]) Authentication failure" in mep.output()
+        assert not mep.reports_now()  # no UEP ran
+    finally:
+        (rig.PAM_DIR / service).unlink(missing_ok=True)

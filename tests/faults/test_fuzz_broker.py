@@ -161,8 +161,9 @@ def test_random_start_commands_against_a_live_broker(live, accounts):
     allowed_uids = {getattr(a, u.split("-")[1]).pw_uid for u in ALLOWED}
     ran_as = {r[0]["resuid"][0] for r in mep.reports_now().values()}
     assert ran_as and ran_as <= allowed_uids, ran_as
-    spawned_users = {line.split(" user=")[1].split()[0] for line in log.splitlines() if "INFO spawned req=" in line}
-    assert spawned_users <= set(ALLOWED), spawned_users
+    spawned_users = {line.split(" [(")[1].split(",")[0] for line in log.splitlines()
+                     if "INFO Creating new user endpoint (pid: " in line}
+    assert spawned_users and spawned_users <= set(ALLOWED), spawned_users
     # and it still serves a plain start
     before = set(mep.reports_now())
     mep.publish(mep.command("mept-carol@example.org"))
