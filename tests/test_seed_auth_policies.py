@@ -145,7 +145,7 @@ def configure_on_tty(rigdir, service, croot, master, slave, names, answers) -> s
                              rigdir.accounts.broker.pw_name, "--uep-executable", str(rigdir.probe), *names],
                             stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
-    text, pending = b"", list(answers)
+    text, pending, answered = b"", list(answers), 0  # answered: how much of `text` the last answer followed
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         ready, _, _ = select.select([master], [], [], 0.5)
@@ -156,12 +156,12 @@ def configure_on_tty(rigdir, service, croot, master, slave, names, answers) -> s
         except OSError:
             break
         text += chunk
-        if text.rstrip().endswith(b":"):
+        if text.rstrip().endswith(b":") and text[answered:].strip():  # a new prompt, not the echo of an answer
             if not pending:
                 proc.kill()
                 break
             os.write(master, pending.pop(0).encode() + b"\n")
-            text += b"\n"
+            answered = len(text)
     proc.wait(timeout=30)
     os.close(master)
     out = text.decode(errors="replace")
@@ -269,12 +269,13 @@ with warnings.catch_warnings(record=True) as seen:
     print(ha_func_id_via_ex)
     ha_function_id = ha_func_id_via_ex
     with Executor(endpoint_id=ha_endpoint_id, client=client) as ex:
-        fut = ex.submit_to_registered_function(ha_function_id, "ha-worthy-argument-to-function")
+        # the seed passes a bare string; SDK 4.19 requires a tuple ("args: expected `tuple`"): README
+        fut = ex.submit_to_registered_function(ha_function_id, ("ha-worthy-argument-to-function",))
         print("\\nResult:", fut.result(timeout=90))
         result, task_id = fut.result(), fut.task_id
 try:
     with Executor(endpoint_id={plain.endpoint_id!r}, client=client) as ex:
-        ex.submit_to_registered_function(ha_function_id, "elsewhere").result(timeout=60)
+        ex.submit_to_registered_function(ha_function_id, ("elsewhere",)).result(timeout=60)
     elsewhere = "ran"
 except Exception as e:
     elsewhere = str(e)
@@ -335,8 +336,10 @@ for ids in doc["tokens"].values():
             i["last_authentication"] = time.time() - 3600
 open(path + ".tmp", "w").write(json.dumps(doc))
 os.replace(path + ".tmp", path)
+fetcher = type(client)(local_compute_services=True,  # a new Client: the SDK caches a completed task
+                      authorizer=globus_sdk.AccessTokenAuthorizer(os.environ["GC_TOKEN"]))
 try:
-    client.get_task(tid)
+    fetcher.get_task(tid)
     stale = "returned"
 except Exception as e:
     stale = [getattr(e, "http_status", None), str(e)]
