@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from protocol.messages import Ping, Signal
+from tests.rig import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 SLEEP = json.dumps({"sleep": 600}).encode()
@@ -52,7 +53,12 @@ def test_a_session_refusal_is_answered_once_and_leaks_no_fd(helpers, accounts, r
         ping(client)
         ping(client)  # the session process has ended by now or soon: a second answer would be in events
     assert not [e for e in client.events if getattr(e, "req", None)], client.events
-    assert helper_fds(helper) == before, os.listdir(f"/proc/{helper.proc.pid}/fd")
+    # the refusal line comes before the session process's end: the helper closes that
+    # session's status pipe when it sees the end, which may come after the pings' answers
+    try:
+        wait_for(lambda: helper_fds(helper) == before, timeout=10, what="the helper to close the session's fds")
+    except AssertionError:
+        raise AssertionError(os.listdir(f"/proc/{helper.proc.pid}/fd")) from None
     assert helper.proc.poll() is None
 
 
