@@ -243,10 +243,8 @@ class Monitor:
                         "see the helper log", rec.account.name)
         elif rec.uep_pid is not None:
             code = rec.exit_code if rec.exit_code is not None else -signal.SIGKILL
-            log.info("exited user=%s pid=%d status=%d [(%s, %s)]", rec.account.name, rec.uep_pid, code, rec.account.name,
-                     rec.name)
+            log.info("exited pid=%d status=%d [(%s, %s)]", rec.uep_pid, code, rec.account.name, rec.name)
             self.send(Exited(rec.uep_pid, code))
-
 
     def await_broker(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
