@@ -34,6 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/opt/mep/venv/bin/python"
 LOCK = "/tmp/mep-tests.lock"  # the project's global test lock (see the developers' brief)
+# --isolate: the scratch copy's tests make `mepm-` users under a lock of their own, so a run of
+# hours shares the machine with the other engineers' runs instead of taking their lock.
+ISOLATED_PREFIX, ISOLATED_LOCK = "mepm-", "/tmp/mep-mutation.lock"
+# ...except a test that makes accounts with fixed uids, which two rigs cannot both create
+ISOLATED_DESELECT = ["tests/test_who.py::test_reserved_and_top_uids_with_real_accounts"]
 OVERRIDE = None  # --fast-tests / --root-tests: one pair of tiers for every module
 ROOT_MODULES = sorted(str(p.relative_to(ROOT)) for d in ("protocol", "privhelper") for p in (ROOT / d).glob("*.py"))
 
@@ -50,8 +55,10 @@ TESTS = {
     "privhelper/authorize.py": (["tests/test_authorize.py"], ["tests/test_who.py"]),
     "privhelper/policy.py": (["tests/test_policy_load.py", "tests/test_authorize.py"], ["tests/test_policy.py", "tests/test_who.py"]),
     "privhelper/child.py": (["tests/test_child_direct.py", "tests/test_authorize.py"], ["tests/test_child.py", "tests/test_lifetime.py"]),
-    "privhelper/monitor.py": (["tests/test_monitor_edges.py"], ["tests/test_helper_edges.py", "tests/test_channel.py", "tests/test_lifetime.py", "tests/test_who.py", "tests/test_policy.py",
-                                   "tests/test_child.py", "tests/test_pam.py", _RACE, *_LAUNCH_SIGNALS]),
+    # (in each tier the quickest tests come first: with -x a killed mutant stops at its first failure)
+    "privhelper/monitor.py": (["tests/test_monitor_edges.py"], ["tests/test_helper_edges.py", "tests/test_channel.py", "tests/test_child.py",
+                                   "tests/test_lifetime.py", "tests/test_pam.py", "tests/test_policy.py", "tests/test_who.py",
+                                   *_LAUNCH_SIGNALS, _RACE]),
     "privhelper/pam.py": ([], ["tests/test_pam.py"]),
     "privhelper/launch.py": ([], ["tests/test_lifetime.py", *_LAUNCH_SIGNALS]),
     "privhelper/__main__.py": ([], ["tests/test_policy.py"]),
@@ -153,6 +160,9 @@ def mutants_of(module: str, source: str) -> list:
                 isinstance(node, ast.AnnAssign) and node.value is None):
             skip.update(id(n) for n in ast.walk(node))  # log text is prose (dropping the call is still a mutant); imports
             # and bare annotations do nothing to mutate
+        for annotation in (getattr(node, "annotation", None), getattr(node, "returns", None)):
+            if annotation is not None:  # a parameter's, a return's or an assignment's type: never evaluated at run time
+                skip.update(id(n) for n in ast.walk(annotation))
         if isinstance(node, ast.BinOp) and id(node) not in skip and _const_int(node) is not None:
             folded.append(node)  # `(1 << 32) - 2` is one limit: moved by one as a whole, its parts are not mutated
             skip.update(id(n) for n in ast.walk(node))
@@ -222,13 +232,17 @@ def mutants_of(module: str, source: str) -> list:
 
 # -- running -----------------------------------------------------------------------------------------
 
-def scratch_copy() -> Path:
-    """The checkout's code and tests, outside the worktree (no .git, no caches)."""
+def scratch_copy(isolate: bool = False) -> Path:
+    """The checkout's code and tests, outside the worktree (no .git, no caches); with `isolate`,
+    its tests name what they create with ISOLATED_PREFIX instead of the rig's `mept-`."""
     path = Path(tempfile.mkdtemp(prefix="mep-mutate-"))
     for name in ("protocol", "privhelper", "broker", "localservice", "tests", "scripts", "systemd", "bench", "docs"):
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
     for name in ("pyproject.toml", "README.md", "SECURITY.md"):
         shutil.copyfile(ROOT / name, path / name)
+    if isolate:
+        for test in (path / "tests").rglob("*.py"):
+            test.write_text(test.read_text().replace("mept-", ISOLATED_PREFIX))
     os.chmod(path, 0o755)
     return path
 
@@ -237,14 +251,14 @@ class GlobalLock:
     """The project's test lock, held for a batch of root-tier runs at a time (at most `hold`
     seconds, then released so that the other engineers' runs get their turn)."""
 
-    def __init__(self, hold: float):
-        self.hold, self.fd, self.since = hold, None, 0.0
+    def __init__(self, hold: float, path: str = LOCK):
+        self.hold, self.path, self.fd, self.since = hold, path, None, 0.0
 
     def ensure(self) -> None:
         if self.fd is not None and time.monotonic() - self.since > self.hold:
             self.release()
         if self.fd is None:
-            self.fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             waited = time.monotonic()
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             self.since = time.monotonic()
@@ -301,10 +315,10 @@ class Runner:
     third-party modules once, then forks a fresh child per run that imports our code from
     disk, i.e. the mutant (saves about a second of start-up per mutant)."""
 
-    def __init__(self, tree: Path):
+    def __init__(self, tree: Path, deselect=()):
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         env.pop("CI", None)
-        self.tree = tree
+        self.tree, self.deselect = tree, [a for t in deselect for a in ("--deselect", t)]
         self.proc = subprocess.Popen(["nice", "-n", "10", PYTHON, "-c", SERVER], cwd=tree, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -315,7 +329,7 @@ class Runner:
         if lock:
             lock.ensure()
         start = time.monotonic()
-        args = ["-x", "-q", "-p", "no:cacheprovider", "--hypothesis-profile=mutation", *tests]
+        args = ["-x", "-q", "-p", "no:cacheprovider", "--hypothesis-profile=mutation", *self.deselect, *tests]
         self.proc.stdin.write(json.dumps({"args": args, "timeout": timeout}) + "\n")
         self.proc.stdin.flush()
         status = json.loads(self.proc.stdout.readline())["status"]
@@ -353,6 +367,11 @@ def main(argv=None) -> int:
     parser.add_argument("--report", default=None, help="write the results as JSON here")
     parser.add_argument("--timeout-factor", type=float, default=4.0, help="a run this many times the baseline's length is a kill")
     parser.add_argument("--hold", type=float, default=240, help="seconds the global lock is held per batch of root runs")
+    parser.add_argument("--isolate", action="store_true", help=f"the root tier makes {ISOLATED_PREFIX} users under "
+                        f"{ISOLATED_LOCK} instead of mept- users under the global lock, so that a long run does not "
+                        f"hold up other test runs (it still shares the CPU); deselects {', '.join(ISOLATED_DESELECT)}")
+    parser.add_argument("--resume", action="store_true", help="take the results already in --report and run only "
+                        "the mutants it has no result for (the report is rewritten after every mutant)")
     parser.add_argument("--fast-tests", default=None, help="comma-separated: the fast tier for every module, instead of TESTS")
     parser.add_argument("--root-tests", default=None, help="comma-separated: the root tier for every module, instead of TESTS "
                         "(a focused run over a few lines: --only ... --root-tests tests/test_x.py::test_y)")
@@ -370,16 +389,32 @@ def main(argv=None) -> int:
             print(m.describe())
         print(f"{len(mutants)} mutants")
         return 0
-    tree, lock = scratch_copy(), GlobalLock(args.hold)
-    runner = Runner(tree)
-    print(f"scratch copy: {tree}; {len(mutants)} mutants", flush=True)
+    tree = scratch_copy(args.isolate)
+    lock = GlobalLock(args.hold, ISOLATED_LOCK if args.isolate else LOCK)
+    runner = Runner(tree, ISOLATED_DESELECT if args.isolate else ())
     status, by, baseline = {}, {}, {}
+    if args.resume and args.report and Path(args.report).exists():
+        for r in json.loads(Path(args.report).read_text())["results"]:
+            if r["status"] != "untested":
+                status[r["id"]], by[r["id"]] = r["status"], r.get("tier") or r["by"]
+    print(f"scratch copy: {tree}; {len(mutants)} mutants, {sum(m.id in status for m in mutants)} done before", flush=True)
+
+    def report() -> list:
+        results = [{"id": m.id, "line": m.lineno, "what": m.what, "old": m.old, "new": m.new,
+                    "status": status.get(m.id, "untested"), "by": by.get(m.id) if status.get(m.id) == "killed" else None,
+                    "tier": by.get(m.id)} for m in mutants]
+        if args.report:
+            Path(args.report).write_text(json.dumps({"modules": modules, "sample": args.sample, "no_root": args.no_root,
+                                                     "results": results}, indent=1))
+        return results
     started = time.monotonic()
     try:
         for tier in ("fast", "root"):
             if tier == "root" and args.no_root:
                 break
-            todo = [m for m in mutants if status.get(m.id) != "killed" and tests_for(m.module)[tier == "root"]]
+            done = (lambda m: m.id in status) if tier == "fast" else (
+                lambda m: status.get(m.id) == "killed" or (by.get(m.id) or "").startswith("root"))
+            todo = [m for m in mutants if not done(m) and tests_for(m.module)[tier == "root"]]
             for tests in dict.fromkeys(tuple(tests_for(m.module)[tier == "root"]) for m in todo):
                 outcome, secs = runner.run(list(tests), 1800, lock if tier == "root" else None)
                 if outcome != "pass":
@@ -394,21 +429,17 @@ def main(argv=None) -> int:
                 status[m.id] = "killed" if outcome != "pass" else "survived"
                 by[m.id] = f"{tier}{' timeout' if outcome == 'timeout' else ''}"
                 print(f"{status[m.id]:8} {tier:4} {secs:5.1f}s {m.describe()}", flush=True)
+                report()
             lock.release()
     finally:
         lock.release()
         runner.close()
         shutil.rmtree(tree, ignore_errors=True)
-    results = [{"id": m.id, "line": m.lineno, "what": m.what, "old": m.old, "new": m.new,
-                "status": status.get(m.id, "untested"), "by": by.get(m.id) if status.get(m.id) == "killed" else None}
-               for m in mutants]
+    results = report()
     print(f"\n{summary(results)} in {(time.monotonic() - started) / 60:.0f} min")
     for r in results:
         if r["status"] != "killed":
             print(f"  {r['status'].upper()} {r['id']} line {r['line']}: {r['what']}: {r['old'][:80]!r} -> {r['new'][:80]!r}")
-    if args.report:
-        Path(args.report).write_text(json.dumps({"modules": modules, "sample": args.sample, "no_root": args.no_root,
-                                                 "results": results}, indent=1))
     return 0
 
 
