@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def mepctl(mep: MEP, op: str) -> tuple:
 
 def sessions_of(mep: MEP) -> set:
     return set(sessions.children(mep.proc.pid)) - {mep.broker_pid()}
+
+
+def exit_statuses(mep: MEP) -> dict:
+    """How the UEPs ended, from the helper's `exited pid=P status=S` lines: status -> count.
+    -9 means a KILL after the grace period (the broker's or the helper's); a probe that
+    obeyed the stop's TERM ends with -15."""
+    counts = {}
+    for status in re.findall(r"exited pid=\d+ status=(-?\d+)", (mep.dir / "helper.log").read_text()):
+        counts[int(status)] = counts.get(int(status), 0) + 1
+    return counts
 
 
 def measure(fx: fixture.Fixture, n: int = 1000, say=print) -> dict:
@@ -78,6 +89,7 @@ def measure(fx: fixture.Fixture, n: int = 1000, say=print) -> dict:
         out["stop_s"] = time.monotonic() - t1
         left = subprocess.run(["pgrep", "-f", fx.probe], capture_output=True, text=True).stdout.split()
         out["probes_left_after_stop"] = len(left)
+        out["exits_after_stop"] = exit_statuses(mep)
         return out
     finally:
         if mep.proc.poll() is None:
