@@ -22,8 +22,8 @@ class _Stop(Exception):
     pass
 
 
-_RESETTABLE = tuple(int(s) for s in signal.valid_signals()  # glibc keeps 32 up to SIGRTMIN for itself
-                    if s not in (signal.SIGKILL, signal.SIGSTOP) and not 32 <= s < signal.SIGRTMIN)
+# (valid_signals() already leaves out glibc's own 32 and 33, which sigaction refuses)
+_RESETTABLE = tuple(int(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def reset_signals(unblock: bool = True) -> None:

@@ -205,6 +205,35 @@ def test_request_ids(req, ok):
         _refused_field({"req": req}, "signal.req", signal_body)
 
 
+EP = "0123abcd-4567-89ef-0123-456789abcdef"
+
+
+def title_body(**change):
+    from protocol.messages import Title
+    return {**to_wire(Title("r1", EP, "demo")), **change}
+
+
+def test_title_endpoint_id_is_a_lower_case_uuid_in_every_group():
+    assert _accepted_field({}, title_body).endpoint_id == EP
+    groups = EP.split("-")
+    for i in range(5):  # a `/`, an upper-case digit, one character too few or too many, in each group
+        for bad in ("/" + groups[i][1:], groups[i][:-1] + "/", groups[i][:-1] + "A", groups[i][1:], groups[i] + "a"):
+            wrong = "-".join(groups[:i] + [bad] + groups[i + 1:])
+            _refused_field({"endpoint_id": wrong}, "title.endpoint_id", title_body)
+    for wrong in ("", EP.replace("-", ""), EP + "0", "{" + EP + "}"):
+        _refused_field({"endpoint_id": wrong}, "title.endpoint_id", title_body)
+
+
+@pytest.mark.parametrize("name,ok", [("!", True), ("~", True), ("a" * 128, True), ("demo.ep_1-x", True),
+                                     ("", False), (" ", False), ("a b", False), ("\x7f", False), ("\x20a", False),
+                                     ("a" * 129, False), ("é", False), ("a\n", False)])
+def test_title_names_are_printable_ascii_without_spaces(name, ok):
+    if ok:
+        assert _accepted_field({"name": name}, title_body).name == name
+    else:
+        _refused_field({"name": name}, "title.name", title_body)
+
+
 def test_helper_event_edges():
     from protocol.messages import Challenge, Hello, Signaled
     def wire(msg, **change):
