@@ -90,6 +90,8 @@ def measure(fx: fixture.Fixture, n: int = 1000, say=print) -> dict:
         left = subprocess.run(["pgrep", "-f", fx.probe], capture_output=True, text=True).stdout.split()
         out["probes_left_after_stop"] = len(left)
         out["exits_after_stop"] = exit_statuses(mep)
+        log = mep.output()
+        out["stop_notices"] = {"sent": log.count("failure notice sent"), "not sent": log.count("could not be sent")}
         return out
     finally:
         if mep.proc.poll() is None:

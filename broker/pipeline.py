@@ -26,9 +26,16 @@ from broker.idmap import IdentityMapper
 from broker.refusal import Refused
 
 
+# Each notice is its own AMQP connection, with that UEP's credentials. A stop with 1,000 live
+# UEPs sends 1,000 at once; unbounded, they were 1,000 connections at once, past a default
+# RabbitMQ's 1,024 file descriptors (its memory monitor died of EMFILE): this many at a time.
+NOTICE_CONNECTIONS = 32
+
+
 class Pipeline:
     def __init__(self, config: MEPConfig, helper: HelperClient, idmap: IdentityMapper, log, audit):
         self.config, self.helper, self.idmap, self.log, self.audit = config, helper, idmap, log, audit
+        self._notice_slots = asyncio.Semaphore(NOTICE_CONNECTIONS)
         self.fleet: Fleet | None = None  # set by the MEP (broker/mep.py): the fleet replays through this pipeline
         self._locks: dict[str, tuple[asyncio.Lock, list]] = {}  # UEP name -> (lock, [users]); dropped when unused
 
@@ -105,7 +112,8 @@ class Pipeline:
             self.log.error("cannot send a failure notice: the command carries no AMQP credentials", who=who)
             return
         try:
-            await notices.send_failure(creds, message)
+            async with self._notice_slots:
+                await notices.send_failure(creds, message)
             self.log.info("failure notice sent", who=who, uep=kwargs.get("name"))
         except Exception as e:  # noqa: BLE001
             self.log.error("failure notice could not be sent", who=who, error=f"({type(e).__name__}) {e}")

@@ -33,6 +33,12 @@ fi
 # tests start their own, with their own key and config in a temporary directory
 # (tests/slurm_rig.py), so nothing here configures Slurm.
 
+if ! rabbitmqctl -q status >/dev/null 2>&1 && rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+  # up but sick: `status` fails when a part of the node died (seen: its memory monitor, of
+  # EMFILE, after 1,000 connections at once); restarting the RabbitMQ application restores it
+  say "RabbitMQ answers but its status fails: restarting the RabbitMQ application"
+  rabbitmqctl -q stop_app && rabbitmqctl -q start_app
+fi
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   say "starting RabbitMQ"
   rabbitmq-server -detached
