@@ -21,7 +21,7 @@ import time
 import types
 from pathlib import Path
 
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol import canonical
 from protocol.framing import encode_frame
 from protocol.session import CLOSED, NEED_DATA
@@ -216,7 +216,7 @@ def reap(proc: subprocess.Popen, timeout: float) -> int:
 
 
 class Client:
-    """A synchronous broker: broker.session.BrokerSession over a blocking socket."""
+    """A synchronous broker: broker.protocol_session.BrokerSession over a blocking socket."""
 
     def __init__(self, sock: socket.socket, key: bytes, timeout=10):
         self.sock = sock

@@ -5,8 +5,10 @@ terminal only, AMQP reconnect, and the systemd unit of `mepctl enable-on-boot`.
 Real parts throughout: RabbitMQ on 127.0.0.1, the root helper in --launch mode, the
 broker as mept-broker, real accounts, the probe as the UEP program."""
 
+import concurrent.futures
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -76,6 +78,28 @@ def test_sighup_reexecs_in_place_keeping_every_uep(live, accounts):
     pids = list(mep.reports_now())
     assert mep.stop() == 0, mep.output()
     assert rig.wait_gone(pids) == []
+
+
+def test_sighup_waits_for_a_helper_request_in_flight(live, accounts):
+    """A re-exec waits (quiesce) for the reply to an admin's stop-uep that the helper is
+    still serving, and the admin gets the answer from the image that asked."""
+    mep = live()
+    cmd = mep.command("mept-alice@example.org")
+    mep.publish(cmd)
+    alice_pid = mep.report()[0]["pid"]
+    broker = mep.broker_pid()
+    with rig.strace_holding(mep.proc.pid, "kill", "delay_exit=3000000"), \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:  # the helper spends 3 s in its killpg
+        stopped = pool.submit(mep.mepctl, "stop-uep", cmd["kwargs"]["name"])
+        wait_for(lambda: "op=stop-uep" in mep.output(), what="the stop-uep request")  # its signal request is out
+        os.kill(broker, signal.SIGHUP)
+        wait_for(lambda: "broker re-executed in place" in mep.output() or mep.proc.poll() is not None,
+                 what="the re-exec")
+        assert stopped.result(60).returncode == 0, stopped.result().stderr
+    out = mep.output()
+    assert out.index(f"signal TERM to UEP group {alice_pid}") < out.index("re-executing the broker"), out
+    assert "reload postponed" not in out and mep.broker_pid() == broker
+    wait_for(lambda: not alive(alice_pid), what="alice's UEP to stop")
 
 
 def test_sighup_with_a_broken_config_keeps_the_running_broker(live, accounts):

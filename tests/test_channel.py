@@ -233,7 +233,7 @@ def test_socket_activation_environment_is_checked(rigdir, case, words):
 BROKER_SCRIPT = """
 import socket, sys
 sys.path.insert(0, sys.argv[1])
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol.session import NEED_DATA
 from protocol.messages import Ping
 key = open(sys.argv[2], "rb").read()

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from broker.session import InvalidRequest
+from broker.protocol_session import InvalidRequest
 from protocol.messages import ENV_NAME_RE, Spawn, to_wire
 from tests import rig
 

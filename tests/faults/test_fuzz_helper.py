@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol import canonical
 from protocol.framing import FrameReader, encode_frame
 from protocol.errors import ProtocolError
