@@ -6,7 +6,7 @@
     python bench/mutate.py --only privhelper/policy.py:17
 
 Why a script of our own and not mutmut: the helper's tests run the helper as `python3 -I -S` from a
-root-owned copy of the packages (tests/rig.py), so a mutant must be a plain source file on disk, not a
+root-owned copy of the packages (tests/rigs/helper.py), so a mutant must be a plain source file on disk, not a
 trampoline that imports mutmut. Here each mutant is one AST-level change, written into a scratch copy of
 the checkout (outside the worktree: nothing here edits it); the chosen tests run there with -x and the
 file is restored. A mutant is killed when the tests fail (or time out), survived when they pass.
@@ -338,7 +338,7 @@ class Runner:
         self.proc.stdin.flush()
         status = json.loads(self.proc.stdout.readline())["status"]
         if status == "timeout" and lock:  # a hung helper may leave mept- users' processes: the rig's cleanup removes them
-            subprocess.run([PYTHON, "-m", "tests.rig", "cleanup"], cwd=self.tree, capture_output=True)
+            subprocess.run([PYTHON, "-m", "tests.rigs.accounts", "cleanup"], cwd=self.tree, capture_output=True)
         outcome = "timeout" if status == "timeout" else "pass" if status == 0 else "fail"  # a broken collection is a kill too
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         failed = "; ".join(line[:200] for line in text.splitlines() if line.startswith(("FAILED ", "ERROR ")))
@@ -364,7 +364,7 @@ def with_mutant(tree: Path, m: Mutant, run):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Details: docs/mutation.md. "
                                      "Needs root (the fast tier's policy tests make root-owned files; the root tier makes "
-                                     "mept- users through tests/rig.py, under the global lock).")
+                                     "mept- users through tests/rigs/accounts.py, under the global lock).")
     parser.add_argument("modules", nargs="*", help=f"files to mutate (default: all {len(ROOT_MODULES)} root modules)")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
     parser.add_argument("--only", action="append", default=[], help="run only this mutant id (MODULE:N); repeatable")

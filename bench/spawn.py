@@ -19,7 +19,7 @@ import time
 
 from bench import fixture
 from broker.helper_client import HelperClient
-from privhelper.pam import PamSession
+from privhelper.pam import PamTransaction
 
 
 def bare_fork(account: pwd.struct_passwd, probe: str, pam_service: str | None = None) -> int:
@@ -32,7 +32,7 @@ def bare_fork(account: pwd.struct_passwd, probe: str, pam_service: str | None = 
     if pid == 0:
         try:
             if pam_service:
-                PamSession(pam_service, account.pw_name).open()
+                PamTransaction(pam_service, account.pw_name).open()
             os.dup2(w, 1)
             os.initgroups(account.pw_name, account.pw_gid)
             os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)

@@ -1,6 +1,6 @@
 """The broker's side of the helper connection, for asyncio.
 
-Drives broker.session.BrokerSession over the inherited socket: answers the challenge, signs
+Drives broker.protocol_session.BrokerSession over the inherited socket: answers the challenge, signs
 requests, matches replies to requests by id, and hands `exited` events to a callback.
 File descriptors that arrive with `spawned` (SCM_RIGHTS) are queued in arrival order and
 given to the reply they came with.
@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Callable
 
-from broker.session import BrokerSession, InvalidRequest  # noqa: F401 - raised by requests
+from broker.protocol_session import BrokerSession, InvalidRequest  # noqa: F401 - raised by requests
 from protocol.errors import ProtocolError
 from protocol.session import CLOSED, NEED_DATA
 from protocol.messages import CHANNELS, Challenge, Exited, Refused, Signal, Spawn, Spawned, Title
@@ -50,6 +50,8 @@ class HelperClient:
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self._pending: dict[str, asyncio.Future] = {}
+        self.idle = asyncio.Event()  # set while no request awaits its reply (a re-exec may only happen then)
+        self.idle.set()
         self._fds: collections.deque[int] = collections.deque()
         self.next_req = 1  # request ids go on across a re-exec, for readable logs
         self._send_lock = asyncio.Lock()
@@ -62,11 +64,6 @@ class HelperClient:
         client = cls(socket.socket(fileno=fd), key, on_exit)
         await client.ready
         return client
-
-    @property
-    def idle(self) -> bool:
-        """No request awaits its reply (a re-exec may only happen then)."""
-        return not self._pending
 
     # -- requests ---------------------------------------------------------------------
 
@@ -90,6 +87,7 @@ class HelperClient:
                 raise HelperGone("the helper connection is closed")
             data = self.session.send(build(req))  # raises InvalidRequest
             future = self._pending[req] = asyncio.get_running_loop().create_future()
+            self.idle.clear()
             try:  # shielded: a frame cut in half by a cancellation would break the stream
                 await asyncio.shield(asyncio.get_running_loop().sock_sendall(self.sock, data))
             except OSError as e:
@@ -114,6 +112,8 @@ class HelperClient:
                 self._dispatch(event)
         except ProtocolError as e:
             self._close(HelperGone(f"protocol error from the helper: {e}"))
+        finally:  # after the replies: their requesters run before a re-exec that waits for idle
+            self._check_idle()
 
     def _dispatch(self, event) -> None:
         if isinstance(event, Challenge):
@@ -136,6 +136,10 @@ class HelperClient:
                 else:
                     future.set_result(event)
 
+    def _check_idle(self) -> None:
+        if not self._pending:
+            self.idle.set()
+
     def _close(self, error: Exception) -> None:
         if self.closed.done():
             return
@@ -144,6 +148,7 @@ class HelperClient:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        self._check_idle()
         while self._fds:
             os.close(self._fds.popleft())
         self.closed.set_result(error)

@@ -5,7 +5,7 @@ enforces them and treats a request that breaks one as a protocol violation, fata
 the connection (and so to every user's UEP). The broker therefore checks each value
 against the same definitions as soon as it has it, and names it the way the user or the
 administrator knows it ("user_runtime.globus_compute_sdk_version is longer than 4096
-characters"); the session's own check of the whole request (broker/session.py) is the
+characters"); the session's own check of the whole request (broker/protocol_session.py) is the
 backstop for whatever this module does not name.
 """
 

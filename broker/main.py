@@ -31,7 +31,7 @@ from broker.helper_client import HelperClient, InvalidRequest
 from broker.idmap import IdentityMapper, MappingConfigError
 from broker.mep import MEP
 from broker.registry import UEP
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 
 EX_SOFTWARE, EX_CONFIG, EX_UNAVAILABLE = 70, 78, 69
 QUIESCE_S = 30  # a reload waits this long for helper requests in flight, else it is postponed

@@ -56,19 +56,17 @@ class MEP:
 
     async def quiesce(self, timeout: float) -> bool:
         """Wait until no replayed start and no helper request is in flight (before a
-        re-exec); False if that did not happen within `timeout` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                await asyncio.wait_for(self.fleet.idle.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                return False
-            if self.helper.idle:  # (no await since the fleet was idle)
-                return True
-            if loop.time() > deadline:  # a request of the admin's (stop-uep) is in flight: the helper has no event
-                return False
-            await asyncio.sleep(0.01)
+        re-exec); False if that did not happen within `timeout` seconds. On True both are
+        idle at once, and the caller may exec before its next await."""
+        idle = (self.fleet.idle, self.helper.idle)
+        try:
+            async with asyncio.timeout(timeout):  # not wait_for, whose task puts a turn of the loop before the caller
+                while not all(event.is_set() for event in idle):  # one may be cleared while the other is awaited
+                    for event in idle:
+                        await event.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def stop_uep(self, uep: UEP, sig: str = "TERM") -> None:
         await self.fleet.stop_uep(uep, sig)

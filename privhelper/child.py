@@ -10,7 +10,7 @@ import time
 
 from privhelper import linux, log
 from privhelper.authorize import Refusal
-from privhelper.pam import PamError, PamSession
+from privhelper.pam import PamError, PamTransaction
 from privhelper.policy import FIXED_ENV
 from protocol.messages import CHANNEL_FDS
 
@@ -164,7 +164,7 @@ def _run_session(account, req, policy, child_fds, status_w) -> int:
     pam, pam_env = None, {}
     try:
         if policy.pam.enabled:
-            pam = PamSession(policy.pam.service, account.name)
+            pam = PamTransaction(policy.pam.service, account.name)
             pam.open()
             pam_env = pam.environment()
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)

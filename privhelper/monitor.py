@@ -28,7 +28,7 @@ class Fatal(Exception):
     pass
 
 
-class SessionChild:
+class SessionProcess:
     """The helper's record of one session process and the UEP it starts."""
 
     def __init__(self, pid: int, req: str, name: str, account, status_fd: int, broker_fds: list, channels: tuple):
@@ -44,8 +44,8 @@ class Monitor:
         self.stopping = False  # launch mode: a stop signal was passed on to the broker
         self.title = ""  # the MEP's process title, once the broker has said its endpoint id
         self.session = HelperSession(key, max_frame=policy.max_frame, pam=policy.pam.service if policy.pam.enabled else "")
-        self.children: dict[int, SessionChild] = {}  # by session pid
-        self.by_fd: dict[int, SessionChild] = {}  # by status pipe fd
+        self.children: dict[int, SessionProcess] = {}  # by session pid
+        self.by_fd: dict[int, SessionProcess] = {}  # by status pipe fd
         self.poller, self.deadline = select.poll(), None
         self.handlers = {Spawn: self.do_spawn, Signal: self.do_signal, Ping: lambda msg: self.send(Pong(msg.req)),
                          Title: self.do_title}
@@ -162,12 +162,12 @@ class Monitor:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for fd in [status_w, *child_fds.values()]:
             os.close(fd)
-        self.children[pid] = self.by_fd[status_r] = SessionChild(pid, msg.req, msg.name, account, status_r, broker_fds, msg.channels)
+        self.children[pid] = self.by_fd[status_r] = SessionProcess(pid, msg.req, msg.name, account, status_r, broker_fds, msg.channels)
         self.poller.register(status_r, select.POLLIN)
         log.info("session process %d for req=%s user=%s uid=%d name=%s", pid, msg.req, account.name, account.uid, msg.name)
 
 
-    def read_status(self, rec: SessionChild) -> None:
+    def read_status(self, rec: SessionProcess) -> None:
         """The session process writes whole short lines (atomic on a pipe); read them."""
         if not (data := os.read(rec.status_fd, 4096)):
             self.poller.unregister(rec.status_fd)
@@ -180,7 +180,7 @@ class Monitor:
             line, rec.buf = rec.buf.split(b"\n", 1)
             self.handle_status(rec, line.decode("utf-8", "replace"))
 
-    def handle_status(self, rec: SessionChild, line: str) -> None:
+    def handle_status(self, rec: SessionProcess, line: str) -> None:
         word, _, rest = line.partition(" ")
         if word == "ok" and not rec.answered:
             rec.uep_pid, rec.answered = int(rest), True
@@ -199,7 +199,7 @@ class Monitor:
         else:
             raise Fatal(f"session process {rec.pid} sent an unexpected line {line[:80]!r}")
 
-    def _close_broker_fds(self, rec: SessionChild) -> None:
+    def _close_broker_fds(self, rec: SessionProcess) -> None:
         for fd in rec.broker_fds:
             os.close(fd)
         rec.broker_fds = []
@@ -234,7 +234,7 @@ class Monitor:
             elif rec := self.children.pop(pid, None):
                 self.finish(rec, status)
 
-    def finish(self, rec: SessionChild, status: int) -> None:
+    def finish(self, rec: SessionProcess, status: int) -> None:
         while rec.status_fd is not None:  # the writer is gone: drain to EOF
             self.read_status(rec)
         if not rec.answered:

@@ -52,7 +52,7 @@ class PamError(Exception):
         self.step = step
 
 
-class PamSession:
+class PamTransaction:
     """One PAM transaction for one user, used only inside a session process."""
 
     def __init__(self, service: str, user: str):

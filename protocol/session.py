@@ -1,5 +1,5 @@
 """The helper's I/O-free session machine (h11 style) and the base it shares with the
-broker's (broker/session.py). Handshake and MAC rules: docs/root-code.md.
+broker's (broker/protocol_session.py). Handshake and MAC rules: docs/root-code.md.
 
     helper:  start --challenge()--> await-hello --Hello--> ready --requests...
 """

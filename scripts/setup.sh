@@ -20,7 +20,7 @@ fi
 # package set (bookworm: Slurm 22.05.8, munge 0.5.15).
 pkgs=(python3 python3-venv libpam0g libpam-modules libpam-runtime passwd util-linux systemd rabbitmq-server procps strace
       gcc libc6-dev sudo  # these three for bench/: the static probe, and sudo as a baseline
-      slurmctld slurmd slurm-client munge)  # a single-node Slurm cluster for the batch tests (tests/slurm_rig.py)
+      slurmctld slurmd slurm-client munge)  # a single-node Slurm cluster for the batch tests (tests/rigs/slurm.py)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -31,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian's munge and Slurm packages start their daemons through systemd where it runs; the
 # tests start their own, with their own key and config in a temporary directory
-# (tests/slurm_rig.py), so nothing here configures Slurm.
+# (tests/rigs/slurm.py), so nothing here configures Slurm.
 
 if ! rabbitmqctl -q status >/dev/null 2>&1 && rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   # up but sick: `status` fails when a part of the node died (seen: its memory monitor, of

@@ -1,4 +1,5 @@
-"""Fixtures that build real things: accounts, a root-owned policy directory, helpers.
+"""Fixtures that build real things (the rigs of tests/rigs/): accounts, a root-owned policy
+directory, helpers, live MEPs, the local service, the Slurm cluster.
 
 Tests marked `root` need uid 0. Outside CI they are skipped when not root; under CI=true
 they fail instead, so that a privileged test can never pass by not running.
@@ -15,7 +16,12 @@ from hypothesis import settings
 # bench/mutate.py runs the tests once per mutant: fewer examples, and the same ones every run
 settings.register_profile("mutation", max_examples=30, derandomize=True, deadline=None)
 
-from tests import e2e_rig, mep_rig, rig, slurm_rig
+from tests.rigs import procs
+from tests.rigs.accounts import Accounts, cleanup
+from tests.rigs.helper import Client, Helper, RigDir
+from tests.rigs.mep import AMQP_URL, LiveMEP, many
+from tests.rigs.service import LocalService, live_mep
+from tests.rigs.slurm import Cluster, why_not_available
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -40,16 +46,16 @@ def _fail_not_root():
 def accounts():
     if os.geteuid() != 0:
         pytest.fail("accounts need root")
-    rig.cleanup()
+    cleanup()
     try:
-        yield rig.Accounts()
+        yield Accounts()
     finally:
-        rig.cleanup()
+        cleanup()
 
 
 @pytest.fixture(scope="session")
 def rigdir(accounts):
-    return rig.RigDir(accounts)
+    return RigDir(accounts)
 
 
 @pytest.fixture
@@ -58,9 +64,9 @@ def helpers(rigdir):
     started = []
 
     def start(policy=None, handshake=True, **overrides):
-        helper = rig.Helper(policy or rigdir.policy(**overrides), rigdir.path)
+        helper = Helper(rigdir, policy or rigdir.policy(**overrides))
         started.append(helper)
-        client = rig.Client(helper.sock, rigdir.key)
+        client = Client(helper.sock, rigdir.key)
         if handshake:
             try:
                 client.handshake()
@@ -78,10 +84,10 @@ def no_strays(accounts):
     """After the test, no process may run as a test user; kill and fail if one does."""
     yield
     names = [accounts.alice, accounts.bob, accounts.carol]
-    left = {a.pw_name: rig.processes_of(a.pw_name) for a in names}
+    left = {a.pw_name: procs.processes_of(a.pw_name) for a in names}
     left = {k: v for k, v in left.items() if v}
     for pids in left.values():
-        rig.kill_all(pids)
+        procs.kill_all(pids)
     assert not left, f"processes left running as test users: {left}"
 
 
@@ -96,7 +102,7 @@ def sh():
 def rabbitmq():
     """RabbitMQ must be up: this fails (never skips) when it is not."""
     async def ping():
-        connection = await aio_pika.connect(mep_rig.AMQP_URL, timeout=5)
+        connection = await aio_pika.connect(AMQP_URL, timeout=5)
         await connection.close()
     try:
         asyncio.run(ping())
@@ -106,34 +112,34 @@ def rabbitmq():
 
 @pytest.fixture
 def service(rigdir):
-    """The local compute service on :5000 (tests/e2e_rig.py), stopped afterwards."""
-    svc = e2e_rig.LocalService(rigdir)
+    """The local compute service on :5000 (tests/rigs/service.py), stopped afterwards."""
+    svc = LocalService(rigdir)
     yield svc
     svc.stop()
 
 
 @pytest.fixture
 def mep(rigdir, service):
-    """Start MEPs that register with `service` and run the real UEP (e2e_rig.live_mep)."""
-    yield from mep_rig.many(lambda **kw: e2e_rig.live_mep(rigdir, service, **kw))
+    """Start MEPs that register with `service` and run the real UEP (live_mep)."""
+    yield from many(lambda **kw: live_mep(rigdir, service, **kw))
 
 
 @pytest.fixture
 def live(rigdir):
-    """Start LiveMEPs (tests/mep_rig.py); each is stopped and removed afterwards."""
-    yield from mep_rig.many(lambda **kw: mep_rig.LiveMEP(rigdir, **kw))
+    """Start LiveMEPs (tests/rigs/mep.py); each is stopped and removed afterwards."""
+    yield from many(lambda **kw: LiveMEP(rigdir, **kw))
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The single-node Slurm cluster (tests/slurm_rig.py), up for the whole session.
+    """The single-node Slurm cluster (tests/rigs/slurm.py), up for the whole session.
     Without Slurm or root it skips; under CI=true it fails instead."""
-    why = slurm_rig.available()
+    why = why_not_available()
     if why:
         if IN_CI:
             pytest.fail(f"{why}, and CI=true forbids skipping a test that needs Slurm")
         pytest.skip(why)
-    cluster = slurm_rig.Cluster().start()
+    cluster = Cluster().start()
     try:
         yield cluster
     finally:

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from tests import rig
+from tests.rigs.helper import ROOT
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def test_quick_benchmark_produces_every_figure(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=rig.ROOT,
+    out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -5,8 +5,10 @@ terminal only, AMQP reconnect, and the systemd unit of `mepctl enable-on-boot`.
 Real parts throughout: RabbitMQ on 127.0.0.1, the root helper in --launch mode, the
 broker as mept-broker, real accounts, the probe as the UEP program."""
 
+import concurrent.futures
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -16,8 +18,8 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from tests import rig
-from tests.rig import alive, wait_for
+from tests.rigs import procs
+from tests.rigs.procs import alive, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 WAIT_CRED = json.dumps({"cred_wait": 60, "sleep": 60})
@@ -75,7 +77,29 @@ def test_sighup_reexecs_in_place_keeping_every_uep(live, accounts):
     assert f"pid={bob_pid}" in mep.output().split("user endpoint exited")[1].splitlines()[0]
     pids = list(mep.reports_now())
     assert mep.stop() == 0, mep.output()
-    assert rig.wait_gone(pids) == []
+    assert procs.wait_gone(pids) == []
+
+
+def test_sighup_waits_for_a_helper_request_in_flight(live, accounts):
+    """A re-exec waits (quiesce) for the reply to an admin's stop-uep that the helper is
+    still serving, and the admin gets the answer from the image that asked."""
+    mep = live()
+    cmd = mep.command("mept-alice@example.org")
+    mep.publish(cmd)
+    alice_pid = mep.report()[0]["pid"]
+    broker = mep.broker_pid()
+    with procs.strace_holding(mep.proc.pid, "kill", "delay_exit=3000000"), \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:  # the helper spends 3 s in its killpg
+        stopped = pool.submit(mep.mepctl, "stop-uep", cmd["kwargs"]["name"])
+        wait_for(lambda: "op=stop-uep" in mep.output(), what="the stop-uep request")  # its signal request is out
+        os.kill(broker, signal.SIGHUP)
+        wait_for(lambda: "broker re-executed in place" in mep.output() or mep.proc.poll() is not None,
+                 what="the re-exec")
+        assert stopped.result(60).returncode == 0, stopped.result().stderr
+    out = mep.output()
+    assert out.index(f"signal TERM to UEP group {alice_pid}") < out.index("re-executing the broker"), out
+    assert "reload postponed" not in out and mep.broker_pid() == broker
+    wait_for(lambda: not alive(alice_pid), what="alice's UEP to stop")
 
 
 def test_sighup_with_a_broken_config_keeps_the_running_broker(live, accounts):
@@ -124,7 +148,7 @@ def test_admin_socket_is_root_and_broker_only(live, accounts):
     # another account cannot even connect (the directory and the socket are the broker's alone)
     probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX)\n"
              "try: s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(e.strerror)")
-    out = rig.run("setpriv", f"--reuid={accounts.alice.pw_uid}", f"--regid={accounts.alice.pw_gid}", "--clear-groups",
+    out = procs.run("setpriv", f"--reuid={accounts.alice.pw_uid}", f"--regid={accounts.alice.pw_gid}", "--clear-groups",
                   "/usr/bin/python3", "-I", "-c", probe, str(path), check=False)
     assert out.stdout.strip() == "Permission denied", out.stderr
     # root is let in; SO_PEERCRED is what the broker checks
@@ -169,9 +193,9 @@ def test_mepctl_stop_stops_everything(live, accounts):
     pid = mep.report()[0]["pid"]
     out = mep.mepctl("stop")
     assert out.returncode == 0, out.stderr
-    rig.reap(mep.proc, 30)
+    procs.reap(mep.proc, 30)
     assert mep.proc.returncode == 0, mep.output()
-    assert rig.wait_gone([pid]) == []
+    assert procs.wait_gone([pid]) == []
     gone = mep.mepctl("status")
     assert gone.returncode == 3 and "is not running" in gone.stderr and "(No such file or directory)" in gone.stderr
     assert f"mepctl start {mep.dir.name} --config-root {mep.rigdir.path}" in gone.stderr
@@ -222,10 +246,10 @@ def test_amqp_connection_closed_by_the_server_is_re_established(live, accounts):
     mep = live()
     broker = mep.broker_pid()
     name = f"mep-broker {mep.dir.name} pid {broker}"
-    listed = rig.run("rabbitmqctl", "-q", "list_connections", "pid", "client_properties").stdout
+    listed = procs.run("rabbitmqctl", "-q", "list_connections", "pid", "client_properties").stdout
     conn = [line.split("\t")[0] for line in listed.splitlines() if name in line]
     assert len(conn) == 1, listed
-    rig.run("rabbitmqctl", "-q", "close_connection", conn[0], "test: closed by the server")
+    procs.run("rabbitmqctl", "-q", "close_connection", conn[0], "test: closed by the server")
     wait_for(lambda: "AMQP connection re-established" in mep.output(), timeout=30, what="the reconnect")
     assert "AMQP connection lost; reconnecting" in mep.output()
     mep.publish(mep.command("mept-alice@example.org"))

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from tests import mep_rig, rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.mep import idmap_expression
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -151,7 +152,7 @@ def test_stop_signal_stops_every_uep(live, accounts):
     wait_for(lambda: len(mep.reports_now()) == 2, what="two UEPs")
     pids = list(mep.reports_now())
     assert mep.stop() == 0, mep.output()
-    assert rig.wait_gone(pids) == []
+    assert procs.wait_gone(pids) == []
     assert "broker stopped" in mep.output()
 
 
@@ -160,7 +161,7 @@ def test_identity_mapping_hot_reload(live, accounts):
     other = mep.command("mept-alice@other.example")
     mep.publish(other)
     assert mep.notice(other) is not None  # not mapped yet
-    mep.write("identity_mapping.json.new", json.dumps(mep_rig.idmap_expression("other.example")))
+    mep.write("identity_mapping.json.new", json.dumps(idmap_expression("other.example")))
     os.rename(mep.dir / "identity_mapping.json.new", mep.dir / "identity_mapping.json")
     wait_for(lambda: "identity mapping reloaded" in mep.output(), what="the reload")
     again = mep.command("mept-alice@other.example")

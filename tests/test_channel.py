@@ -9,10 +9,12 @@ import time
 
 import pytest
 
+from broker.protocol_session import BrokerSession
 from protocol import canonical
 from protocol.framing import encode_frame
 from protocol.messages import Ping, Spawn
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.helper import PYTHON
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 
@@ -28,7 +30,7 @@ def assert_fatal(helper, accounts, *log_words):
     for word in log_words:
         assert word in out, out
     assert "session process" not in out  # nothing was even forked
-    assert rig.processes_of(accounts.alice.pw_name) == []
+    assert procs.processes_of(accounts.alice.pw_name) == []
 
 
 # -- 2: frames ------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def test_request_before_hello(helpers, accounts):
 
 def test_hello_with_the_wrong_key(helpers, accounts, rigdir):
     helper, client = helpers(handshake=False)
-    client.session = rig.BrokerSession(bytes(32))
+    client.session = BrokerSession(bytes(32))
     client.handshake()
     assert_fatal(helper, accounts, "hello: bad MAC")
 
@@ -222,7 +224,7 @@ def test_socket_activation_environment_is_checked(rigdir, case, words):
             "os.execv(sys.argv[1], sys.argv[1:])")
     pid_expr = "'1'" if case == "wrong-pid" else "str(os.getpid())"
     fds = "2" if case == "two-fds" else "1"
-    cmd = ["/usr/bin/python3", "-c", boot % (fd, pid_expr, fds), *rig.helper_cmd(policy, "--socket-activated")]
+    cmd = ["/usr/bin/python3", "-c", boot % (fd, pid_expr, fds), *rigdir.helper_cmd(policy, "--socket-activated")]
     out = subprocess.run(cmd, pass_fds=(fd,), capture_output=True, text=True, timeout=20, env={"PATH": "/usr/bin:/bin"})
     for c in closers:
         c.close()
@@ -233,7 +235,7 @@ def test_socket_activation_environment_is_checked(rigdir, case, words):
 BROKER_SCRIPT = """
 import socket, sys
 sys.path.insert(0, sys.argv[1])
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol.session import NEED_DATA
 from protocol.messages import Ping
 key = open(sys.argv[2], "rb").read()
@@ -256,7 +258,7 @@ def test_socket_activated_helper_serves_only_the_broker_uid(rigdir, accounts):
     sock_path = rigdir.path / f"helper-{os.getpid()}.sock"
     log = open(rigdir.path / "activate.log", "w+")
     activator = subprocess.Popen(
-        ["systemd-socket-activate", "--accept", "-l", str(sock_path), *rig.helper_cmd(rigdir.policy(), "--socket-activated")],
+        ["systemd-socket-activate", "--accept", "-l", str(sock_path), *rigdir.helper_cmd(rigdir.policy(), "--socket-activated")],
         stdout=log, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
     try:
         for _ in range(200):
@@ -265,12 +267,12 @@ def test_socket_activated_helper_serves_only_the_broker_uid(rigdir, accounts):
             time.sleep(0.05)
         os.chmod(sock_path, 0o666)
         script = rigdir.file("sa_broker.py", BROKER_SCRIPT)
-        ok = subprocess.run([rig.PYTHON, "-I", str(script), str(rigdir.lib), str(rigdir.key_file), str(sock_path)],
+        ok = subprocess.run([PYTHON, "-I", str(script), str(rigdir.lib), str(rigdir.key_file), str(sock_path)],
                             user=accounts.broker.pw_uid, group=accounts.broker.pw_gid, capture_output=True, text=True, timeout=30)
         assert ok.stdout.split() == ["challenge", "pong"], ok.stderr
         for uid in (0, accounts.carol.pw_uid):  # root, then an ordinary user
             other = subprocess.run(
-                [rig.PYTHON, "-I", "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                [PYTHON, "-I", "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
                  "s.settimeout(10); print(repr(s.recv(100)))", str(sock_path)],
                 user=uid, capture_output=True, text=True, timeout=30)
             assert other.stdout.strip() == "b''", other  # closed without a challenge

@@ -10,9 +10,10 @@ import subprocess
 
 import pytest
 
-from broker.session import InvalidRequest
+from broker.protocol_session import InvalidRequest
 from protocol.messages import ENV_NAME_RE, Spawn, to_wire
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.helper import read_report
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 ZERO = "0000000000000000"
@@ -21,7 +22,7 @@ ZERO = "0000000000000000"
 def spawn_and_report(client, user, **kw):
     reply = client.spawn(user, **kw)
     assert reply.type == "spawned", reply
-    report = rig.read_report(reply.fds["audit"])
+    report = read_report(reply.fds["audit"])
     return reply, report
 
 
@@ -71,7 +72,7 @@ def test_stdin_payload_and_credential_refresh(helpers, accounts):
     assert seen["stdin"] == payload
     assert seen["cred"] == ""
     os.pwrite(reply.fds["cred"], b'{"token": "fresh"}', 0)
-    again = rig.read_report(reply.fds["audit"])
+    again = read_report(reply.fds["audit"])
     assert again["cred"] == '{"token": "fresh"}'
     # the UEP got read-only ends and cannot reopen either memfd for writing through /proc
     assert seen["reopen_write"] == {"0": "Permission denied", "3": "Permission denied"}
@@ -94,7 +95,7 @@ def test_bad_uep_names_end_the_connection(helpers, accounts, name):
                            "uid": accounts.alice.pw_uid, "name": name, "env": {}, "stdin": "", "channels": []})
     assert helper.wait() == 2
     assert "spawn.name" in helper.output()
-    assert rig.processes_of(accounts.alice.pw_name) == []
+    assert procs.processes_of(accounts.alice.pw_name) == []
 
 
 def test_environment_is_built_from_nothing(helpers, accounts, rigdir):
@@ -128,7 +129,7 @@ def test_denied_environment_is_refused(helpers, accounts, var):
     reply = client.spawn(accounts.alice, env={var: "x"})
     assert reply.type == "refused"
     assert reply.code == "env-denied" and var in reply.reason
-    assert rig.processes_of(accounts.alice.pw_name) == []
+    assert procs.processes_of(accounts.alice.pw_name) == []
 
 
 def test_the_administrator_may_allow_denied_variables_by_name(helpers, accounts, rigdir):

@@ -12,7 +12,7 @@ import yaml
 
 from broker import config as broker_config
 from privhelper import policy as helper_policy
-from tests import rig
+from tests.rigs import procs
 
 pytestmark = pytest.mark.root
 MEPCTL = ["/opt/mep/venv/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -27,7 +27,7 @@ def mepctl(rigdir, *args):
 def croot(rigdir):
     path = rigdir.path / f"conf-{os.urandom(3).hex()}"
     yield path
-    rig.run("rm", "-rf", str(path))
+    procs.run("rm", "-rf", str(path))
 
 
 def owner_mode(path):

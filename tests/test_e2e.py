@@ -16,7 +16,9 @@ import aio_pika
 import aiormq
 import pytest
 
-from tests import e2e_rig, mep_rig, rig
+from tests.rigs import procs
+from tests.rigs.procs import wait_for
+from tests.rigs.service import run_sdk, uep_pids, wait_for_uep
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -33,11 +35,11 @@ def run(service, m, user, body: str) -> dict:
 with Executor(endpoint_id={m.endpoint_id!r}, client=client) as ex:
 {body}
 """
-    return e2e_rig.run_sdk(service, user, script)
+    return run_sdk(service, user, script)
 
 
 def started(m) -> list:
-    return e2e_rig.uep_pids(m)
+    return uep_pids(m)
 
 
 def test_two_users_run_in_parallel_as_their_own_uids(service, mep, accounts):
@@ -67,16 +69,16 @@ def test_rotated_credentials_reach_the_running_uep_through_the_memfd(service, me
     body = "    print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"
     first = run(service, m, "mept-alice@example.org", body)
     second = run(service, m, "mept-alice@example.org", body)
-    mep_rig.wait_for(lambda: "credentials refreshed" in m.output(), what="the refresh")
+    wait_for(lambda: "credentials refreshed" in m.output(), what="the refresh")
     uep = json.loads(m.mepctl("list", "--json").stdout)["user_endpoints"][0]["name"]
-    listed = rig.run("rabbitmqctl", "-q", "list_connections", "user", "pid").stdout.splitlines()
+    listed = procs.run("rabbitmqctl", "-q", "list_connections", "user", "pid").stdout.splitlines()
     connections = [line.split("\t")[1] for line in listed if line.startswith(f"uep-{uep}\t")]
     assert len(connections) >= 2, listed  # task subscriber, result and heartbeat publishers
     for pid in connections:
-        rig.run("rabbitmqctl", "-q", "close_connection", pid, "test: reconnect with the current credentials")
+        procs.run("rabbitmqctl", "-q", "close_connection", pid, "test: reconnect with the current credentials")
     third = run(service, m, "mept-alice@example.org", body)
     assert first["pid"] == second["pid"] == third["pid"] and started(m) == [first["pid"]]
-    listed = rig.run("rabbitmqctl", "-q", "list_connections", "user", "pid").stdout.splitlines()
+    listed = procs.run("rabbitmqctl", "-q", "list_connections", "user", "pid").stdout.splitlines()
     again = {line.split("\t")[1] for line in listed if line.startswith(f"uep-{uep}\t")}
     assert again and not again & set(connections)  # new connections, made with the new password
 
@@ -101,7 +103,7 @@ def test_a_uep_killed_by_hand_is_restarted_by_the_next_task(service, mep):
     body = "    print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"
     first = run(service, m, "mept-alice@example.org", body)
     os.killpg(first["pid"], signal.SIGKILL)
-    mep_rig.wait_for(lambda: "user endpoint exited" in m.output(), what="the MEP to see the exit")
+    wait_for(lambda: "user endpoint exited" in m.output(), what="the MEP to see the exit")
     second = run(service, m, "mept-alice@example.org", body)
     assert second["pid"] != first["pid"] and started(m) == [first["pid"], second["pid"]]
 
@@ -137,7 +139,7 @@ def other(x):
     return x
 print(json.dumps({"ok": client.register_function(whoami), "no": client.register_function(other)}))
 """
-    ids = e2e_rig.run_sdk(service, "mept-alice@example.org", register)
+    ids = run_sdk(service, "mept-alice@example.org", register)
     m = mep(config={"allowed_functions": [ids["ok"]]})
     body = f"""    ok = ex.submit_to_registered_function({ids["ok"]!r}, args=(5,)).result(timeout=90)
     try:
@@ -198,12 +200,12 @@ def test_mep_stopped_mid_task_leaves_no_uep_and_fails_the_future(service, mep):
         print(json.dumps({"error": str(e)}))"""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run, service, m, "mept-alice@example.org", body)
-        pids = e2e_rig.wait_for_uep(m, 1)
-        mep_rig.wait_for(lambda: "Preparing to execute task" in uep_log(), what="the task to run")
+        pids = wait_for_uep(m, 1)
+        wait_for(lambda: "Preparing to execute task" in uep_log(), what="the task to run")
         assert m.stop() == 0
         (service.dir / "go").touch()
         out = future.result(timeout=120)
-    assert e2e_rig.gone(pids)
+    assert procs.wait_gone(pids) == []
     assert "The multi-user endpoint is shutting down and stopped this user endpoint" in out["error"]
 
 
@@ -224,8 +226,8 @@ def test_idle_uep_stops_and_the_next_task_starts_a_fresh_one(service, mep):
     body = """    ex.user_endpoint_config = {"heartbeat_period": 5, "idle_heartbeats_soft": 1, "idle_heartbeats_hard": 2}
     print(json.dumps(ex.submit(whoami, 1).result(timeout=90)))"""
     first = run(service, m, "mept-alice@example.org", body)
-    mep_rig.wait_for(lambda: "user endpoint exited" in m.output(), timeout=60, what="the idle UEP to stop")
-    assert e2e_rig.gone([first["pid"]])
+    wait_for(lambda: "user endpoint exited" in m.output(), timeout=60, what="the idle UEP to stop")
+    assert procs.wait_gone([first["pid"]]) == []
     second = run(service, m, "mept-alice@example.org", body)
     assert second["pid"] != first["pid"] and len(started(m)) == 2
 
@@ -254,7 +256,7 @@ def test_parsl_globus_compute_engine_with_a_local_provider(service, mep, account
     out = run(service, m, "mept-bob@example.org", "    print(json.dumps(ex.submit(whoami, 4).result(timeout=150)))")
     assert out["user"] == "mept-bob" and out["uid"] == accounts.bob.pw_uid and out["x"] == 8
     assert out["pid"] not in started(m)  # a Parsl worker process, not the UEP itself
-    workers = rig.processes_of(accounts.bob.pw_name)
+    workers = procs.processes_of(accounts.bob.pw_name)
     assert len(workers) > 3 and len({os.getpgid(p) for p in workers if os.path.exists(f"/proc/{p}")}) > 1
     assert m.stop() == 0
-    assert e2e_rig.gone(workers)
+    assert procs.wait_gone(workers) == []

@@ -19,7 +19,9 @@ import urllib.request
 import pytest
 
 from broker import globus_login
-from tests import e2e_rig, mep_rig
+from tests.rigs.mep import MEPCTL, VENV_PYTHON, many
+from tests.rigs.procs import wait_for
+from tests.rigs.service import LocalService, live_mep, registered_id, run_sdk
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -37,14 +39,14 @@ def whoami(x):
 
 @pytest.fixture
 def service(rigdir):
-    svc = e2e_rig.LocalService(rigdir, token_lifetime=LIFETIME_S)
+    svc = LocalService(rigdir, token_lifetime=LIFETIME_S)
     yield svc
     svc.stop()
 
 
 @pytest.fixture
 def mep(rigdir, service):
-    yield from mep_rig.many(lambda **kw: e2e_rig.live_mep(rigdir, service, **kw))
+    yield from many(lambda **kw: live_mep(rigdir, service, **kw))
 
 
 def registrations(service, m) -> list:
@@ -56,7 +58,7 @@ def status(service, m) -> dict:
 
 
 def run_whoami(service, m, user="mept-alice@example.org") -> dict:
-    return e2e_rig.run_sdk(service, user, WHOAMI + f"""
+    return run_sdk(service, user, WHOAMI + f"""
 with Executor(endpoint_id={m.endpoint_id!r}, client=client) as ex:
     print(json.dumps(ex.submit(whoami, 21).result(timeout=90)))
 """)
@@ -64,7 +66,7 @@ with Executor(endpoint_id={m.endpoint_id!r}, client=client) as ex:
 
 def wait_log(m, text: str, count: int = 1, timeout: float = 60) -> str:
     try:
-        mep_rig.wait_for(lambda: m.output().count(text) >= count, timeout, what=repr(text))
+        wait_for(lambda: m.output().count(text) >= count, timeout, what=repr(text))
     except AssertionError as e:
         raise AssertionError(f"{e}; MEP log:\n{m.output()}") from None
     return m.output()
@@ -123,10 +125,10 @@ def test_a_revoked_client_secret_is_a_clear_error_then_a_new_one_is_used_without
 def test_a_secret_revoked_while_its_token_is_still_valid_is_the_same_clear_error(rigdir, accounts):
     """With Auth's own 48 h tokens, so no expiry hides the revocation: the next start says
     the secret was refused (not 48 h of 401s from the service)."""
-    service = e2e_rig.LocalService(rigdir)
+    service = LocalService(rigdir)
     m = None
     try:
-        m = e2e_rig.live_mep(rigdir, service, auth="client")
+        m = live_mep(rigdir, service, auth="client")
         m.stop()
         service.clients[m.client_id] = "the old secret was deleted"
         service.write_identities()
@@ -144,7 +146,7 @@ def test_a_secret_revoked_while_its_token_is_still_valid_is_the_same_clear_error
 def login(m, username: str) -> tuple[subprocess.CompletedProcess, str]:
     """`mepctl login NAME` as an administrator does it: open the URL it prints, log in,
     paste the code back."""
-    p = subprocess.Popen([mep_rig.VENV_PYTHON, "-I", "-c", mep_rig.MEPCTL.format(lib=str(m.rigdir.lib)), "login",
+    p = subprocess.Popen([VENV_PYTHON, "-I", "-c", MEPCTL.format(lib=str(m.rigdir.lib)), "login",
                           m.dir.name, "--config-root", str(m.rigdir.path)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shown = []
@@ -175,7 +177,7 @@ def test_mepctl_login_completes_with_a_code_and_the_broker_renews_the_tokens(ser
     assert (tokens.st_uid, stat.S_IMODE(tokens.st_mode)) == (accounts.broker.pw_uid, 0o600)
     assert stat.S_IMODE(os.stat(m.dir / "run").st_mode) == 0o700
     wait_log(m, "consuming start commands")  # the waiting broker's next attempt
-    m.endpoint_id = e2e_rig.registered_id(m)
+    m.endpoint_id = registered_id(m)
     assert [r["identity"] for r in registrations(service, m)] == [admin]
 
     time.sleep(EXPIRED_S)
@@ -201,13 +203,13 @@ def test_mepctl_login_completes_with_a_code_and_the_broker_renews_the_tokens(ser
 
 def test_heartbeats_arrive_every_period_and_a_last_one_at_stop(service, mep):
     m = mep(config={"heartbeat_period": 5})  # upstream's minimum
-    beats = mep_rig.wait_for(lambda: len(b := status(service, m)["heartbeats"]) >= 3 and b, 60, what="3 heartbeats")
+    beats = wait_for(lambda: len(b := status(service, m)["heartbeats"]) >= 3 and b, 60, what="3 heartbeats")
     assert [b["global_state"] for b in beats] == [{"heartbeat_period": 5}] * len(beats)
     gaps = [b["received"] - a["received"] for a, b in zip(beats, beats[1:])]
     assert min(gaps) >= 4, gaps  # one per period, not more often
     assert status(service, m)["status"] == "online"
     m.stop()
-    last = mep_rig.wait_for(lambda: (b := status(service, m)["heartbeats"])[-1]["global_state"]["heartbeat_period"]
+    last = wait_for(lambda: (b := status(service, m)["heartbeats"])[-1]["global_state"]["heartbeat_period"]
                             == 0 and b[-1], 15, what="the final heartbeat")
     assert last["global_state"] == {"heartbeat_period": 0}  # upstream's "shutting down now"
     assert status(service, m)["status"] == "offline"
@@ -277,7 +279,7 @@ def test_revoked_amqp_credentials_lead_to_a_new_registration(service, mep):
     m = mep()
     account = f"mep-{m.endpoint_id}"
     _management("PUT", f"/api/users/{account}", {"password": "revoked", "tags": ""})
-    mep_rig.wait_for(lambda: any(c.get("user") == account for c in _management("GET", "/api/connections")), 30,
+    wait_for(lambda: any(c.get("user") == account for c in _management("GET", "/api/connections")), 30,
                      what="the broker's connection in the management API")
     for c in _management("GET", "/api/connections"):
         if c.get("user") == account:

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from protocol.messages import Ping, Signal
-from tests.rig import wait_for
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 SLEEP = json.dumps({"sleep": 600}).encode()

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.rig import PYTHON, ROOT
+from tests.rigs.helper import PYTHON, ROOT
 
 ALLOWED_OWN = ("protocol", "privhelper")
 

@@ -12,40 +12,11 @@ import time
 import pytest
 
 from protocol.messages import Signal, Spawn
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.accounts import PAM_DIR, pam_service
+from tests.rigs.helper import PYTHON, Client, Launched, read_report
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
-
-
-class Launched:
-    """`mep-privhelper --launch`: the helper as root, the test broker as mept-broker."""
-
-    def __init__(self, rigdir, spawns, **policy):
-        broker_argv = [rig.PYTHON, "-I", str(rigdir.path / "testbroker.py"), str(rigdir.lib), str(rigdir.key_file),
-                       json.dumps(spawns)]
-        self.log_path = rigdir.path / f"launch-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(rig.helper_cmd(rigdir.policy(broker_argv=broker_argv, **policy), "--launch"),
-                                     stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True)
-        self.lines = []
-        while True:
-            line = self.proc.stdout.readline()
-            assert line, f"broker ended early; helper log:\n{self.log_path.read_text()}"
-            self.lines.append(json.loads(line))
-            if self.lines[-1] == "ready":
-                break
-        self.broker = self.lines[0]
-        self.ueps = [entry for entry in self.lines if isinstance(entry, dict) and "pid" in entry and "report" in entry]
-
-    def session_pids(self):
-        out = rig.run("pgrep", "-P", str(self.proc.pid), check=False).stdout.split()
-        return [int(p) for p in out if int(p) != self.broker["broker_pid"]]
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture
@@ -78,7 +49,7 @@ def test_launch_mode_broker_runs_unprivileged(launch, accounts):
     status = open(f"/proc/{broker['broker_pid']}/status").read()
     assert "NoNewPrivs:\t1" in status
     assert "CapEff:\t0000000000000000" in status and "CapBnd:\t0000000000000000" in status
-    assert int(rig.run("ps", "-o", "ppid=", "-p", str(broker["broker_pid"])).stdout) == mep.proc.pid
+    assert int(procs.run("ps", "-o", "ppid=", "-p", str(broker["broker_pid"])).stdout) == mep.proc.pid
 
 
 def test_broker_sigkill_stops_every_uep_and_closes_pam(launch, accounts, rigdir):
@@ -86,14 +57,14 @@ def test_broker_sigkill_stops_every_uep_and_closes_pam(launch, accounts, rigdir)
     group (grandchildren included), the session processes close PAM, the helper exits."""
     log = rigdir.path / "pam-lifetime.log"
     hook = rigdir.file("pam-lifetime.sh", f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {log}\n', mode=0o755)
-    service = rig.pam_service("lifetime", f"auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_exec.so {hook}\n")
+    service = pam_service("lifetime", f"auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_exec.so {hook}\n")
     mep = launch(sleepers(accounts), pam={"enabled": True, "service": service})
     ueps = [u["pid"] for u in mep.ueps]
-    everyone = ueps + rig.processes_of(accounts.alice.pw_name) + rig.processes_of(accounts.bob.pw_name)
+    everyone = ueps + procs.processes_of(accounts.alice.pw_name) + procs.processes_of(accounts.bob.pw_name)
     assert len(set(everyone)) == 4  # two UEPs, two grandchildren
     assert sorted(log.read_text().split("\n")[:-1]) == ["open_session mept-alice", "open_session mept-bob"]
     os.kill(mep.broker["broker_pid"], signal.SIGKILL)
-    assert rig.wait_gone(everyone, timeout=5) == []
+    assert procs.wait_gone(everyone, timeout=5) == []
     assert mep.proc.wait(10) == 0
     assert sorted(log.read_text().split("\n")[:-1]) == ["close_session mept-alice", "close_session mept-bob",
                                                         "open_session mept-alice", "open_session mept-bob"]
@@ -105,12 +76,12 @@ def test_helper_sigkill_takes_everything_with_it(launch, accounts):
     mep = launch(sleepers(accounts))
     sessions = mep.session_pids()
     assert len(sessions) == 2
-    everyone = [mep.broker["broker_pid"], *sessions, *rig.processes_of(accounts.alice.pw_name),
-                *rig.processes_of(accounts.bob.pw_name)]
+    everyone = [mep.broker["broker_pid"], *sessions, *procs.processes_of(accounts.alice.pw_name),
+                *procs.processes_of(accounts.bob.pw_name)]
     assert len(everyone) == 7
     os.kill(mep.proc.pid, signal.SIGKILL)
     mep.proc.wait()
-    assert rig.wait_gone(everyone, timeout=5) == []
+    assert procs.wait_gone(everyone, timeout=5) == []
 
 
 def test_signal_only_for_own_children(helpers, accounts):
@@ -124,16 +95,16 @@ def test_signal_only_for_own_children(helpers, accounts):
         reply = client.reply(req)
         assert reply.type == "refused" and reply.code == "not-our-child", reply
         assert f"pid {pid} is not a running UEP started by this helper" == reply.reason
-    assert rig.alive(helper.proc.pid)
+    assert procs.alive(helper.proc.pid)
     reply = client.spawn(accounts.alice, stdin=b'{"sleep": 30, "grandchild": true}')
-    rig.read_report(reply.fds["audit"])
-    group = rig.processes_of(accounts.alice.pw_name)
+    read_report(reply.fds["audit"])
+    group = procs.processes_of(accounts.alice.pw_name)
     assert len(group) == 2
     req = client.req_id()
     client.request(Signal(req, reply.pid, "TERM"))
     assert client.reply(req).type == "signaled"
     assert client.wait_exited(reply.pid).status == -signal.SIGTERM
-    assert rig.wait_gone(group) == []
+    assert procs.wait_gone(group) == []
     req = client.req_id()  # and an exited UEP is no longer a target
     client.request(Signal(req, reply.pid, "KILL"))
     assert client.reply(req).code == "not-our-child"
@@ -145,12 +116,12 @@ def test_a_descendant_that_left_the_uep_group_dies_with_the_uep(helpers, account
     when the UEP exits (upstream leaves such processes running)."""
     helper, client = helpers()
     reply = client.spawn(accounts.alice, stdin=b'{"escape": true, "sleep": 1}')
-    uep = rig.read_report(reply.fds["audit"])
-    escaped = rig.read_report(reply.fds["audit"])
-    assert escaped["sid"] != uep["sid"] and rig.alive(escaped["escaped"])  # outside the UEP's session and group
+    uep = read_report(reply.fds["audit"])
+    escaped = read_report(reply.fds["audit"])
+    assert escaped["sid"] != uep["sid"] and procs.alive(escaped["escaped"])  # outside the UEP's session and group
     assert client.wait_exited(reply.pid).status == 0
-    assert rig.wait_gone([escaped["escaped"]], timeout=5) == []
-    assert rig.processes_of(accounts.alice.pw_name) == []
+    assert procs.wait_gone([escaped["escaped"]], timeout=5) == []
+    assert procs.processes_of(accounts.alice.pw_name) == []
 
 
 def test_closing_the_connection_stops_a_uep_that_ignores_term(helpers, accounts, rigdir):
@@ -159,11 +130,11 @@ def test_closing_the_connection_stops_a_uep_that_ignores_term(helpers, accounts,
     helper, client = helpers(uep_argv=[str(script), "{name}"], stop_grace_seconds=1)
     reply = client.spawn(accounts.alice)
     assert os.read(reply.fds["audit"], 100) == b"started\n"
-    pids = rig.processes_of(accounts.alice.pw_name)
+    pids = procs.processes_of(accounts.alice.pw_name)
     started = time.monotonic()
     client.sock.close()
     assert helper.wait() == 0
-    assert rig.wait_gone(pids, timeout=5) == []
+    assert procs.wait_gone(pids, timeout=5) == []
     assert 1 <= time.monotonic() - started < 8
 
 
@@ -173,23 +144,23 @@ def test_a_stop_that_arrives_while_the_session_process_forks_the_uep_is_not_lost
     Python's at-fork hook ("Exception ignored") and the session process would wait for a
     UEP that sleeps 30 s until the helper KILLed it, PAM unclosed; it must stop the UEP."""
     slow = rigdir.file("slow-account.sh", "#!/bin/sh\nsleep 1\n", mode=0o755)
-    service = rig.pam_service(f"forkstop-{os.urandom(3).hex()}", f"auth required pam_permit.so\n"
+    service = pam_service(f"forkstop-{os.urandom(3).hex()}", f"auth required pam_permit.so\n"
                               f"account required pam_exec.so {slow}\nsession required pam_permit.so\n")
     try:
         helper, client = helpers(pam={"enabled": True, "service": service}, stop_grace_seconds=1)
         client.request(Spawn("t1", accounts.alice.pw_name, accounts.alice.pw_uid, "uep1", {}, b'{"sleep": 30}',
                              ("audit",)))
-        session = rig.wait_for_child(helper.proc.pid)  # in PAM's account step for a second
-        with rig.strace_holding(session, "clone", "delay_exit=2000000"):
-            uep = rig.wait_for_child(session, timeout=10, running=str(rigdir.probe))  # its parent is held in clone()
-            assert rig.proc_state(session) == "t", rig.proc_state(session)
+        session = procs.wait_for_child(helper.proc.pid)  # in PAM's account step for a second
+        with procs.strace_holding(session, "clone", "delay_exit=2000000"):
+            uep = procs.wait_for_child(session, timeout=10, running=str(rigdir.probe))  # its parent is held in clone()
+            assert procs.proc_state(session) == "t", procs.proc_state(session)
             client.sock.close()  # the helper ends: TERM to the session process, which arrives inside clone()
             assert helper.wait(timeout=20) == 0
         log = helper.output()
         assert "did not stop" not in log and "Exception ignored" not in log, log
-        assert rig.wait_gone([uep, session], timeout=5) == []
+        assert procs.wait_gone([uep, session], timeout=5) == []
     finally:
-        (rig.PAM_DIR / service).unlink(missing_ok=True)
+        (PAM_DIR / service).unlink(missing_ok=True)
 
 
 def test_an_unexpected_error_is_logged_with_its_traceback_and_still_stops_every_uep(rigdir, accounts):
@@ -198,14 +169,14 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_still_stops_every_
     was running stopped like on any other fatal error."""
     policy = rigdir.policy(stop_grace_seconds=1)
     sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    boot = (f"import sys; sys.path.insert(0, {str(rig.CODE_DIR)!r}); from privhelper import monitor, __main__\n"
+    boot = (f"import sys; sys.path.insert(0, {str(rigdir.lib)!r}); from privhelper import monitor, __main__\n"
             "def broken(self, msg): raise ValueError('injected for the test')\n"
             "monitor.Monitor.do_signal = broken\nsys.exit(__main__.main())")
-    proc = subprocess.Popen([rig.PYTHON, "-I", "-S", "-c", boot, "--policy", str(policy), "--fd", str(theirs.fileno())],
+    proc = subprocess.Popen([PYTHON, "-I", "-S", "-c", boot, "--policy", str(policy), "--fd", str(theirs.fileno())],
                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     theirs.close()
     try:
-        client = rig.Client(sock, rigdir.key)
+        client = Client(sock, rigdir.key)
         client.handshake()
         reply = client.spawn(accounts.alice, stdin=b'{"sleep": 30}')
         assert reply.type == "spawned", reply
@@ -214,11 +185,11 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_still_stops_every_
         log = proc.stderr.read()
         assert re.search(r"mep-privhelper\[\d+\] ERROR unexpected error\nTraceback \(most recent call last\):\n", log), log
         assert "ValueError: injected for the test\n" in log and "ERROR ending: ValueError: injected for the test" in log
-        assert rig.wait_gone([reply.pid], timeout=5) == []
-        assert rig.processes_of(accounts.alice.pw_name) == []
+        assert procs.wait_gone([reply.pid], timeout=5) == []
+        assert procs.processes_of(accounts.alice.pw_name) == []
     finally:
         sock.close()
-        rig.reap(proc, 15)
+        procs.reap(proc, 15)
 
 
 def test_a_log_that_cannot_be_written_does_not_stop_the_helper(rigdir, accounts):
@@ -226,17 +197,17 @@ def test_a_log_that_cannot_be_written_does_not_stop_the_helper(rigdir, accounts)
     helper drops them, as `logging` did, and goes on serving; it must not take every UEP
     down with it."""
     sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen(rig.helper_cmd(rigdir.policy(), "--fd", str(theirs.fileno())), pass_fds=[theirs.fileno()],
+    proc = subprocess.Popen(rigdir.helper_cmd(rigdir.policy(), "--fd", str(theirs.fileno())), pass_fds=[theirs.fileno()],
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     theirs.close()
     proc.stderr.close()  # nobody reads the log any more
     try:
-        client = rig.Client(sock, rigdir.key)
+        client = Client(sock, rigdir.key)
         client.handshake()
         for i in range(20):  # spawned, exited: two lines each, from the helper and its session processes
             reply = client.spawn(accounts.alice, name=f"uep{i}", channels=("audit",))
             assert reply.type == "spawned", reply
-            assert rig.read_report(reply.fds["audit"])["resuid"] == [accounts.alice.pw_uid] * 3
+            assert read_report(reply.fds["audit"])["resuid"] == [accounts.alice.pw_uid] * 3
             os.close(reply.fds["audit"])
             assert client.wait_exited(reply.pid).status == 0
         assert proc.poll() is None
@@ -244,7 +215,7 @@ def test_a_log_that_cannot_be_written_does_not_stop_the_helper(rigdir, accounts)
         assert proc.wait(timeout=15) == 0
     finally:
         sock.close()
-        rig.reap(proc, 15)
+        procs.reap(proc, 15)
 
 
 def test_one_uep_exits_while_another_runs(helpers, accounts):
@@ -258,4 +229,4 @@ def test_one_uep_exits_while_another_runs(helpers, accounts):
     req = client.req_id()
     client.request(Ping(req))
     assert client.reply(req).type == "pong"  # still serving, with bob's UEP alive
-    assert rig.alive(stays.pid)
+    assert procs.alive(stays.pid)

@@ -13,7 +13,7 @@ import pytest
 from broker import commands, limits
 from broker.refusal import Refused
 from broker.journal import MAX_BEGUN, Journal
-from broker.session import BrokerSession, InvalidRequest
+from broker.protocol_session import BrokerSession, InvalidRequest
 from protocol.errors import ProtocolError
 from protocol.framing import MAX_FRAME
 from protocol.messages import MAX_ENV_VALUE, MAX_ENV_VARS, MAX_STDIN, Base64, Challenge, Ping, Spawn

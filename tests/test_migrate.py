@@ -16,7 +16,9 @@ import yaml
 from broker import config as broker_config
 from broker import registration
 from privhelper import policy as helper_policy
-from tests import e2e_rig, rig
+from tests.rigs import procs
+from tests.rigs.mep import idmap_expression
+from tests.rigs.service import LocalService
 
 UPSTREAM = "/opt/mep/uep-venv/bin/globus-compute-endpoint"
 MEPCTL = ["/opt/mep/venv/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -79,7 +81,7 @@ def croot(rigdir):
     path = rigdir.path / f"conf-{os.urandom(3).hex()}"
     path.mkdir(mode=0o755)
     yield path
-    rig.run("rm", "-rf", str(path))
+    procs.run("rm", "-rf", str(path))
 
 
 def owner_mode(path):
@@ -135,7 +137,7 @@ def test_a_migrated_endpoint_registers_with_its_old_id(rigdir, accounts, croot):
     assert mepctl(rigdir, "configure", "--multi-user", "hpc", "--from-upstream", str(up), "--config-root",
                   str(croot), "--broker-user", accounts.broker.pw_name,
                   "--uep-executable", str(rigdir.probe)).returncode == 0
-    service = e2e_rig.LocalService(rigdir)
+    service = LocalService(rigdir)
     try:
         token = service.token_file("admin@example.org", accounts.broker.pw_gid)
         with open(croot / "hpc" / "config.yaml", "a") as f:
@@ -159,7 +161,7 @@ def test_upstream_file_flags_copy_the_named_files(rigdir, accounts, croot):
     (src / "tmpl.yaml.j2").write_text("engine:\n  type: ThreadPoolEngine\n  max_workers: {{ n | default(1) }}\n")
     (src / "schema.json").write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}}))
     (src / "env.yaml").write_text("SITE: yes-it-is\n")
-    (src / "idmap.json").write_text(json.dumps(e2e_rig.mep_rig.idmap_expression("site.example")))
+    (src / "idmap.json").write_text(json.dumps(idmap_expression("site.example")))
     out = mepctl(rigdir, "configure", "--multi-user", "flags", "--config-root", str(croot), "--broker-user",
                  accounts.broker.pw_name, "--uep-executable", str(rigdir.probe),
                  "--manager-config", str(src / "core.yaml"), "--template-config", str(src / "tmpl.yaml.j2"),

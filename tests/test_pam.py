@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.accounts import PAM_DIR, PREFIX, pam_service
+from tests.rigs.helper import read_report
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 
@@ -19,14 +21,14 @@ def pamrig(rigdir, accounts):
     limits = rigdir.file("limits.conf", f"{accounts.alice.pw_name} soft nofile 64\n{accounts.alice.pw_name} hard nofile 64\n")
     nologin = rigdir.path / "nologin"
     services = {
-        "full": rig.pam_service("full", f"""auth     required pam_permit.so
+        "full": pam_service("full", f"""auth     required pam_permit.so
 account  required pam_unix.so
 account  required pam_shells.so
 session  required pam_exec.so {hook}
 session  required pam_limits.so conf={limits}
 """),
-        "deny": rig.pam_service("deny", "auth required pam_permit.so\naccount required pam_deny.so\n"),
-        "nologin": rig.pam_service("nologin", f"auth required pam_permit.so\naccount required pam_nologin.so file={nologin}\naccount required pam_permit.so\n"),
+        "deny": pam_service("deny", "auth required pam_permit.so\naccount required pam_deny.so\n"),
+        "nologin": pam_service("nologin", f"auth required pam_permit.so\naccount required pam_nologin.so file={nologin}\naccount required pam_permit.so\n"),
     }
     return {"log": log, "nologin_file": nologin, **services}
 
@@ -44,7 +46,7 @@ def test_session_is_open_while_the_uep_runs_and_closed_after(helpers, accounts, 
     before = len(lines(pamrig["log"]))
     reply = client.spawn(accounts.alice, stdin=b'{"sleep": 1}')
     assert reply.type == "spawned", reply
-    seen = rig.read_report(reply.fds["audit"])
+    seen = read_report(reply.fds["audit"])
     user = accounts.alice.pw_name
     assert lines(pamrig["log"])[before:] == [f"open_session {user} {pamrig['full']}"]  # open, not yet closed
     assert client.wait_exited(reply.pid).status == 0
@@ -52,7 +54,7 @@ def test_session_is_open_while_the_uep_runs_and_closed_after(helpers, accounts, 
     assert seen["no_new_privs"] == 0  # with PAM, NO_NEW_PRIVS is policy and off by default
     assert seen["caps"]["CapEff"] == seen["caps"]["CapPrm"] == "0000000000000000"
     # and the bounding set is left as a login's is, for setuid programs (keep_bounding_set, below)
-    assert seen["caps"]["CapBnd"] == rig.proc_status_field(helper.proc.pid, "CapBnd")
+    assert seen["caps"]["CapBnd"] == procs.proc_status_field(helper.proc.pid, "CapBnd")
 
 
 SETUID_BIND = r"""
@@ -79,7 +81,7 @@ def setuid_bind(rigdir):
     use of SETUID executables, then PAM must be enabled")."""
     source, binary = rigdir.path / "setuid-bind.c", rigdir.path / f"setuid-bind-{os.urandom(3).hex()}"
     source.write_text(SETUID_BIND)
-    rig.run("gcc", "-O1", "-o", str(binary), str(source))
+    procs.run("gcc", "-O1", "-o", str(binary), str(source))
     os.chmod(binary, 0o4755)
     yield binary
     binary.unlink()
@@ -92,8 +94,8 @@ def test_with_pam_a_setuid_program_keeps_its_capabilities_unless_the_policy_is_s
     helper, client = helpers(pam_policy(rigdir, pamrig["full"], pam=pam))
     reply = client.spawn(accounts.alice, stdin=json.dumps({"run": [str(setuid_bind)]}).encode())
     assert reply.type == "spawned", reply
-    seen = rig.read_report(reply.fds["audit"])
-    ran = rig.read_report(reply.fds["audit"])["run"]
+    seen = read_report(reply.fds["audit"])
+    ran = read_report(reply.fds["audit"])["run"]
     assert ran["stdout"].strip() == expected, ran
     assert seen["caps"]["CapEff"] == "0000000000000000"  # the UEP itself has none either way
     client.wait_exited(reply.pid)
@@ -104,9 +106,9 @@ def test_without_pam_or_with_no_new_privs_a_setuid_program_gets_nothing(helpers,
     for policy in (rigdir.policy(), pam_policy(rigdir, pamrig["full"], pam={"no_new_privs": True})):
         helper, client = helpers(policy)
         reply = client.spawn(accounts.alice, stdin=json.dumps({"run": [str(setuid_bind)]}).encode())
-        seen = rig.read_report(reply.fds["audit"])
+        seen = read_report(reply.fds["audit"])
         assert seen["caps"]["CapBnd"] == "0000000000000000" and seen["no_new_privs"] == 1
-        ran = rig.read_report(reply.fds["audit"])["run"]
+        ran = read_report(reply.fds["audit"])["run"]
         assert ran["stdout"].strip().startswith(f"euid={accounts.alice.pw_uid} "), ran  # NO_NEW_PRIVS: no setuid
         client.wait_exited(reply.pid)
 
@@ -116,7 +118,7 @@ def test_pam_limits_act_on_the_session_not_the_helper(helpers, accounts, rigdir,
     limits_path = f"/proc/{helper.proc.pid}/limits"
     before = open(limits_path).read()
     reply = client.spawn(accounts.alice, stdin=b'{"sleep": 1}')
-    seen = rig.read_report(reply.fds["audit"])
+    seen = read_report(reply.fds["audit"])
     assert seen["nofile_soft"] == "64"  # pam_limits applied to the UEP...
     assert open(limits_path).read() == before  # ...and not to the long-lived helper
     assert "Max open files            64" not in before
@@ -126,7 +128,7 @@ def test_pam_limits_act_on_the_session_not_the_helper(helpers, accounts, rigdir,
 def test_no_new_privs_with_pam_is_policy(helpers, accounts, rigdir, pamrig):
     helper, client = helpers(pam_policy(rigdir, pamrig["full"], pam={"no_new_privs": True}))
     reply = client.spawn(accounts.alice)
-    assert rig.read_report(reply.fds["audit"])["no_new_privs"] == 1
+    assert read_report(reply.fds["audit"])["no_new_privs"] == 1
 
 
 def test_account_denied(helpers, accounts, rigdir, pamrig):
@@ -163,19 +165,19 @@ def test_groups_are_those_authorized_not_looked_up_again(helpers, accounts, rigd
     """The UEP gets exactly the groups the helper checked (setgroups of the authorized
     list, not initgroups at the drop): here a PAM account step puts carol into the
     denied group after the check and before the drop; her UEP must not be in it."""
-    carol, denygrp = accounts.carol, grp.getgrnam(rig.PREFIX + "denygrp")
+    carol, denygrp = accounts.carol, grp.getgrnam(PREFIX + "denygrp")
     hook = rigdir.file("pam-addgroup.sh", f"#!/bin/sh\ngpasswd -a {carol.pw_name} {denygrp.gr_name} >/dev/null\n", mode=0o755)
-    service = rig.pam_service("addgroup", f"account required pam_exec.so {hook}\naccount required pam_unix.so\n")
+    service = pam_service("addgroup", f"account required pam_exec.so {hook}\naccount required pam_unix.so\n")
     try:
         helper, client = helpers(pam_policy(rigdir, service, deny_groups=[denygrp.gr_name]))
         reply = client.spawn(carol)
         assert reply.type == "spawned", reply
-        seen = rig.read_report(reply.fds["audit"])
+        seen = read_report(reply.fds["audit"])
         assert denygrp.gr_gid in os.getgrouplist(carol.pw_name, carol.pw_gid)  # the account step did add her
         assert seen["groups"] == [carol.pw_gid]
         assert client.wait_exited(reply.pid).status == 0
         refused = client.spawn(carol, name="uep2")  # checked again, she is refused now
         assert (refused.type, refused.code) == ("refused", "denied-group"), refused
     finally:
-        rig.run("gpasswd", "-d", carol.pw_name, denygrp.gr_name, check=False)
-        (rig.PAM_DIR / service).unlink(missing_ok=True)
+        procs.run("gpasswd", "-d", carol.pw_name, denygrp.gr_name, check=False)
+        (PAM_DIR / service).unlink(missing_ok=True)

@@ -6,13 +6,14 @@ import shutil
 
 import pytest
 
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.helper import PYTHON
 
 pytestmark = [pytest.mark.root]
 
 
-def start(policy):
-    out = rig.run(*rig.helper_cmd(policy, "--fd", "0"), check=False)
+def start(rigdir, policy):
+    out = procs.run(*rigdir.helper_cmd(policy, "--fd", "0"), check=False)
     return out.returncode, out.stderr
 
 
@@ -48,7 +49,7 @@ def test_untrusted_policy_file_stops_the_helper(rigdir, scratch, accounts, attac
         os.chmod(policy, 0o664)
     else:
         os.chmod(target, 0o757 if target.is_dir() else 0o646)
-    code, err = start(policy)
+    code, err = start(rigdir, policy)
     assert code == 78
     assert "refusing to start: policy file" in err
     assert ("owned by uid" in err) if "owner" in attack else ("writable by group or others" in err)
@@ -80,7 +81,7 @@ def test_untrusted_uep_executable_stops_the_helper(rigdir, scratch, accounts, at
         os.chown(home_file, accounts.alice.pw_uid, accounts.alice.pw_gid)
         os.symlink(home_file, scratch / "link")
         argv0 = str(scratch / "link")
-    code, err = start(rigdir.policy(uep_argv=[argv0, "{name}"]))
+    code, err = start(rigdir, rigdir.policy(uep_argv=[argv0, "{name}"]))
     assert code == 78, err
     assert "uep_argv[0]" in err
 
@@ -98,7 +99,7 @@ def test_untrusted_uep_executable_stops_the_helper(rigdir, scratch, accounts, at
     ({"max_frame": 2_000_000}, "max_frame must be in 1..1048576"),
 ])
 def test_policy_mistakes_stop_the_helper(rigdir, change, words):
-    code, err = start(rigdir.policy(**change))
+    code, err = start(rigdir, rigdir.policy(**change))
     assert code == 78
     assert words in err
 
@@ -107,11 +108,11 @@ def test_key_readable_by_others_stops_the_helper(rigdir, scratch):
     key = scratch / "key"
     key.write_bytes(os.urandom(32))
     os.chmod(key, 0o644)
-    code, err = start(rigdir.policy(key_file=str(key)))
+    code, err = start(rigdir, rigdir.policy(key_file=str(key)))
     assert code == 78 and "readable by others" in err
     os.chmod(key, 0o600)
     key.write_bytes(os.urandom(31))
-    code, err = start(rigdir.policy(key_file=str(key)))
+    code, err = start(rigdir, rigdir.policy(key_file=str(key)))
     assert code == 78 and "exactly 32 bytes" in err
 
 
@@ -121,12 +122,12 @@ def test_helper_refuses_code_others_can_write(rigdir, scratch):
     shutil.copytree(rigdir.lib / "protocol", scratch / "protocol")
     os.chmod(scratch / "protocol" / "framing.py", 0o666)
     from privhelper.__main__ import isolated_argv
-    out = rig.run(*isolated_argv(rig.PYTHON, str(scratch), ["--policy", str(rigdir.policy()), "--fd", "0"]), check=False)
+    out = procs.run(*isolated_argv(PYTHON, str(scratch), ["--policy", str(rigdir.policy()), "--fd", "0"]), check=False)
     assert out.returncode == 78
     assert "helper code" in out.stderr and "framing.py is writable by group or others" in out.stderr
 
 
 def test_helper_refuses_to_run_unprivileged(rigdir, accounts):
-    out = rig.run("setpriv", f"--reuid={accounts.alice.pw_uid}", f"--regid={accounts.alice.pw_gid}", "--clear-groups",
-                  *rig.helper_cmd(rigdir.policy(), "--fd", "0"), check=False)
+    out = procs.run("setpriv", f"--reuid={accounts.alice.pw_uid}", f"--regid={accounts.alice.pw_gid}", "--clear-groups",
+                  *rigdir.helper_cmd(rigdir.policy(), "--fd", "0"), check=False)
     assert out.returncode == 77 and "must run as root" in out.stderr

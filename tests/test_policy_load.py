@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from privhelper.policy import DEFAULT_ENV_DENY, Pam, PolicyError, check_trusted_path, load_policy, read_key
-from tests.rig import toml
+from tests.rigs.helper import toml
 
 pytestmark = [pytest.mark.root]
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol import canonical
 from protocol.errors import ProtocolError
 from protocol.framing import FrameReader, encode_frame

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol import canonical
 from protocol.errors import ProtocolError
 from protocol.framing import FrameReader, encode_frame

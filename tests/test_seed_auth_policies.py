@@ -17,7 +17,9 @@ import urllib.request
 import pytest
 import yaml
 
-from tests import e2e_rig, mep_rig, rig
+from tests.rigs import procs
+from tests.rigs.procs import wait_for
+from tests.rigs.service import LocalService, live_mep, run_sdk
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 MEPCTL = ["/opt/mep/venv/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -40,7 +42,7 @@ def ha_func(pii: str):
 
 @pytest.fixture
 def service(rigdir):
-    svc = e2e_rig.LocalService(rigdir, users=USERS)
+    svc = LocalService(rigdir, users=USERS)
     yield svc
     svc.stop()
 
@@ -49,7 +51,7 @@ def service(rigdir):
 def croot(rigdir):
     path = rigdir.path / f"conf-{os.urandom(3).hex()}"
     yield path
-    rig.run("rm", "-rf", str(path))
+    procs.run("rm", "-rf", str(path))
 
 
 def post(service, path: str, body: dict, user: str = "admin@example.org") -> dict:
@@ -201,7 +203,7 @@ def test_configure_help_explains_each_policy_flag(rigdir):
 
 
 def refusal_of(service, user, endpoint_id) -> dict:
-    return e2e_rig.run_sdk(service, user, WHOAMI + f"""
+    return run_sdk(service, user, WHOAMI + f"""
 from globus_sdk.gare import to_gares
 with Executor(endpoint_id={endpoint_id!r}, client=client) as ex:
     try:
@@ -220,9 +222,9 @@ def test_an_allowed_user_runs_and_excluded_stale_and_outside_users_are_refused(r
                  authentication_assurance_timeout=1800)
     service.identities["mept-bob@example.org"]["last_authentication"] = time.time() - 7200
     service.write_identities()
-    mep = e2e_rig.live_mep(rigdir, service, config={"authentication_policy": pid})
+    mep = live_mep(rigdir, service, config={"authentication_policy": pid})
     try:
-        assert e2e_rig.run_sdk(service, "mept-alice@example.org", WHOAMI + f"""
+        assert run_sdk(service, "mept-alice@example.org", WHOAMI + f"""
 with Executor(endpoint_id={mep.endpoint_id!r}, client=client) as ex:
     print(json.dumps(ex.submit(whoami, 21).result(timeout=90)))
 """) == {"user": "mept-alice", "x": 42}
@@ -246,7 +248,7 @@ def ha_mep(rigdir, service, pid):
     folder = rigdir.path / f"audit-{os.urandom(3).hex()}"
     folder.mkdir()
     os.chown(folder, rigdir.accounts.broker.pw_uid, rigdir.accounts.broker.pw_gid)
-    return e2e_rig.live_mep(rigdir, service, config={
+    return live_mep(rigdir, service, config={
         "high_assurance": True, "subscription_id": SUBSCRIPTION, "authentication_policy": pid,
         "audit_log_path": str(folder / "audit.log")}), folder / "audit.log"
 
@@ -254,9 +256,9 @@ def ha_mep(rigdir, service, pid):
 def test_an_ha_function_runs_on_its_ha_endpoint_only_and_its_task_is_audited(rigdir, service):
     pid = policy(service, domain_constraints_include=["example.org"], high_assurance=True,
                  authentication_assurance_timeout=1800)
-    (ha, audit), plain = ha_mep(rigdir, service, pid), e2e_rig.live_mep(rigdir, service)
+    (ha, audit), plain = ha_mep(rigdir, service, pid), live_mep(rigdir, service)
     try:
-        got = e2e_rig.run_sdk(service, "mept-alice@example.org", HA_FUNC + f"""
+        got = run_sdk(service, "mept-alice@example.org", HA_FUNC + f"""
 import warnings
 ha_endpoint_id = {ha.endpoint_id!r}
 gc = client
@@ -296,7 +298,7 @@ print(json.dumps({{"fid": ha_function_id, "tid": task_id, "result": result, "els
                f"{plain.endpoint_id}" in got["elsewhere"], got
         assert f"Endpoint {plain.endpoint_id} is not a high-assurance endpoint" in got["not_ha"], got
         assert "user endpoint started" not in plain.output()
-        records = mep_rig.wait_for(lambda: [line for line in audit.read_text().splitlines()
+        records = wait_for(lambda: [line for line in audit.read_text().splitlines()
                                             if f"tid={got['tid']}" in line and "EXEC_END" in line] and
                                    audit.read_text(), what="the HA task's audit records")
         mine = [line for line in records.splitlines() if f"tid={got['tid']}" in line]
@@ -316,7 +318,7 @@ def test_an_ha_result_is_refused_at_retrieval_once_the_authentication_is_stale(r
                  authentication_assurance_timeout=1800)
     ha, _ = ha_mep(rigdir, service, pid)
     try:
-        got = e2e_rig.run_sdk(service, "mept-alice@example.org", HA_FUNC + f"""
+        got = run_sdk(service, "mept-alice@example.org", HA_FUNC + f"""
 import time
 fid = client.register_function(ha_func, ha_endpoint_id={ha.endpoint_id!r})
 batch = client.create_batch()

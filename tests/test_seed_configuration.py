@@ -14,8 +14,9 @@ import secrets
 import pytest
 
 from broker import seed
-from tests import rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.accounts import PAM_DIR, pam_service
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 
@@ -42,10 +43,10 @@ def pam_log(rigdir):
     tag = secrets.token_hex(3)
     log = rigdir.path / f"seed-pam-{tag}.log"
     hook = rigdir.file(f"seed-pam-{tag}.sh", f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER $PAM_SERVICE" >> {log}\n', mode=0o755)
-    service = rig.pam_service(f"seed-{tag}", "auth required pam_permit.so\naccount required pam_unix.so\n"
+    service = pam_service(f"seed-{tag}", "auth required pam_permit.so\naccount required pam_unix.so\n"
                                              f"session required pam_exec.so {hook}\nsession required pam_permit.so\n")
     yield service, log
-    (rig.PAM_DIR / service).unlink(missing_ok=True)
+    (PAM_DIR / service).unlink(missing_ok=True)
 
 
 def test_the_seeds_pam_snippet_with_the_policy_that_agrees_runs_pam(live, accounts, pam_log):
@@ -104,7 +105,7 @@ def test_configure_refuses_the_names_upstream_refuses(rigdir, accounts, name):
         assert out.returncode != 0 and "Invalid endpoint name" in out.stderr + out.stdout, out
         assert not (croot / name).exists()
     finally:
-        rig.run("rm", "-rf", str(croot))
+        procs.run("rm", "-rf", str(croot))
 
 
 # -- "user_config_schema.json" / templates: the files as upstream reads them -----------------------
@@ -147,7 +148,7 @@ def test_configure_as_root_with_no_config_root_makes_a_directory_start_accepts(r
         assert config.subscription_id == "00000000-0000-0000-0000-00000000000a"  # written without high assurance
         assert config.authentication_policy == "00000000-0000-0000-0000-00000000000b"
     finally:
-        rig.run("rm", "-rf", str(conf_dir))
+        procs.run("rm", "-rf", str(conf_dir))
 
 
 def test_configure_refuses_a_config_root_the_helper_would_refuse(rigdir, accounts):
@@ -162,7 +163,7 @@ def test_configure_refuses_a_config_root_the_helper_would_refuse(rigdir, account
         assert "the root helper would refuse to start from there" in out.stderr + out.stdout
         assert not (sticky / "x").exists()
     finally:
-        rig.run("rm", "-rf", str(sticky))
+        procs.run("rm", "-rf", str(sticky))
 
 
 # -- "High-Assurance": fixed at registration ------------------------------------------------------
@@ -176,5 +177,5 @@ def test_high_assurance_cannot_be_toggled_by_editing_config_yaml_and_restarting(
     (m.dir / "config.yaml").write_text(json.dumps(config))
     m.helper_log = open(m.helper_log_path, "a")
     m.proc = m.launch(m.helper_log)
-    assert rig.reap(m.proc, 60) == 78
+    assert procs.reap(m.proc, 60) == 78
     assert "but this endpoint was registered with high_assurance: false" in m.output(), m.output()[-2000:]

@@ -18,14 +18,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pty
 import signal
 import subprocess
 
 import pytest
 
-from tests import rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.accounts import PAM_DIR, pam_service
+from tests.rigs.mep import Terminal
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 HA = {"high_assurance": True, "subscription_id": "00000000-0000-0000-0000-000000000002"}
@@ -52,7 +53,7 @@ def with_two_ueps(live, rigdir):
 
 def assert_clean_stop(mep, cmds, pids, audit, code):
     assert code == 0, mep.output()[-3000:]
-    assert rig.wait_gone(pids, 5) == []
+    assert procs.wait_gone(pids, 5) == []
     log = mep.output()
     exits = [line for line in log.splitlines() if "user endpoint exited" in line]
     assert len(exits) == 2 and all("status=-15" in line for line in exits), exits  # TERM, not KILL
@@ -68,14 +69,14 @@ def test_a_stop_signal_to_the_root_pid_stops_the_mep_cleanly(live, rigdir, sig):
     mep, cmds, pids, audit = with_two_ueps(live, rigdir)
     assert "SigBlk:\t0000000000000000" in open(f"/proc/{mep.proc.pid}/status").read()
     os.kill(mep.proc.pid, sig)
-    assert_clean_stop(mep, cmds, pids, audit, rig.reap(mep.proc, 30))
+    assert_clean_stop(mep, cmds, pids, audit, procs.reap(mep.proc, 30))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 def test_a_stop_signal_to_the_broker_pid_stops_the_mep_cleanly(live, rigdir, sig):
     mep, cmds, pids, audit = with_two_ueps(live, rigdir)
     os.kill(mep.broker_pid(), sig)
-    assert_clean_stop(mep, cmds, pids, audit, rig.reap(mep.proc, 30))
+    assert_clean_stop(mep, cmds, pids, audit, procs.reap(mep.proc, 30))
 
 
 @pytest.mark.parametrize("pid_of", ["root helper", "broker"])
@@ -84,7 +85,7 @@ def test_sighup_to_either_pid_hot_restarts_and_keeps_every_uep(live, rigdir, pid
     broker = mep.broker_pid()
     os.kill(mep.proc.pid if pid_of == "root helper" else broker, signal.SIGHUP)
     wait_for(lambda: "broker re-executed in place" in mep.output(), what="the re-exec")
-    assert mep.broker_pid() == broker and all(rig.alive(p) for p in pids) and mep.proc.poll() is None
+    assert mep.broker_pid() == broker and all(procs.alive(p) for p in pids) and mep.proc.poll() is None
     after = mep.command("mept-carol@example.org")  # and it serves on
     mep.publish(after)
     wait_for(lambda: len(mep.reports_now()) == 3, what="a start after the hot restart")
@@ -99,40 +100,11 @@ def test_a_second_stop_signal_to_the_root_pid_is_the_administrator_insisting(liv
         os.kill(mep.proc.pid, signal.SIGTERM)
         wait_for(lambda: "SIGTERM received: SIGTERM to the broker" in mep.output(), what="the first TERM passed on")
         os.kill(mep.proc.pid, signal.SIGTERM)
-        assert rig.reap(mep.proc, 30) == 2
+        assert procs.reap(mep.proc, 30) == 2
     finally:
-        rig.run("pkill", "-CONT", "-u", "mept-broker", check=False)
-    assert rig.wait_gone(pids, 10) == []
+        procs.run("pkill", "-CONT", "-u", "mept-broker", check=False)
+    assert procs.wait_gone(pids, 10) == []
     assert "SIGTERM received" in mep.output().split("to the broker")[-1]
-
-
-class Terminal:
-    """The MEP on a pty that is its controlling terminal: the helper is the session
-    leader and the foreground process group, as under an administrator's shell."""
-
-    def __init__(self, mep):
-        self.master, slave = pty.openpty()
-        os.kill(mep.broker_pid(), signal.SIGTERM)  # the rig's own launch (not on a terminal) makes way
-        rig.reap(mep.proc, 30)
-        mep.proc = subprocess.Popen(rig.helper_cmd(mep.policy, "--launch"), stdin=slave, stdout=slave, stderr=slave,
-                                    preexec_fn=lambda: os.login_tty(slave), close_fds=True)
-        os.close(slave)
-        self.out = b""
-        wait_for(lambda: self.read().count(b"consuming start commands") > 0 or mep.proc.poll() is not None,
-                 timeout=20, what="the broker on the terminal")
-        assert mep.proc.poll() is None, self.out.decode("utf-8", "replace")
-
-    def read(self) -> bytes:
-        os.set_blocking(self.master, False)
-        try:
-            while chunk := os.read(self.master, 65536):
-                self.out += chunk
-        except (BlockingIOError, OSError):
-            pass
-        return self.out
-
-    def type(self, keys: bytes) -> None:
-        os.write(self.master, keys)
 
 
 @pytest.mark.parametrize("keys, name", [(b"\x03", "Ctrl+C"), (b"\x1c", "Ctrl+\\")])
@@ -144,13 +116,13 @@ def test_ctrl_c_and_ctrl_backslash_in_a_terminal_stop_the_mep_cleanly(live, rigd
     for cmd in cmds:
         mep.publish(cmd)
     pids = wait_for(lambda: len(r := mep.reports_now()) == 2 and list(r), what="two UEPs")
-    sessions = [int(p) for p in rig.run("pgrep", "-P", str(mep.proc.pid), "-u", "root", check=False).stdout.split()]
+    sessions = [int(p) for p in procs.run("pgrep", "-P", str(mep.proc.pid), "-u", "root", check=False).stdout.split()]
     assert sessions and all(os.getpgid(p) != os.getpgid(mep.proc.pid) for p in sessions)  # not in the terminal's group
     term.type(keys)
-    code = rig.reap(mep.proc, 30)
+    code = procs.reap(mep.proc, 30)
     log = term.read().decode("utf-8", "replace")
     assert code == 0, log[-3000:]
-    assert rig.wait_gone(pids, 5) == []
+    assert procs.wait_gone(pids, 5) == []
     exits = [line for line in log.splitlines() if "user endpoint exited" in line]
     assert len(exits) == 2 and all("status=-15" in line for line in exits), (name, exits, log[-3000:])
     for cmd in cmds:
@@ -165,9 +137,9 @@ def test_start_log_to_console_and_debug_need_no_policy_edit(live, rigdir):
     mep = live()
     policy_text = mep.policy.read_text()
     os.kill(mep.broker_pid(), signal.SIGTERM)
-    rig.reap(mep.proc, 30)
+    procs.reap(mep.proc, 30)
     mep.helper_log = open(mep.helper_log_path, "a")
-    mep.proc = subprocess.Popen(rig.helper_cmd(mep.policy, "--launch", "--broker-log-to-console", "--broker-debug"),
+    mep.proc = subprocess.Popen(mep.rigdir.helper_cmd(mep.policy, "--launch", "--broker-log-to-console", "--broker-debug"),
                                 stdin=subprocess.DEVNULL, stdout=mep.helper_log, stderr=subprocess.STDOUT)
     wait_for(lambda: mep.output().count("consuming start commands") >= 2, what="the broker with the flags")
     started = [line for line in mep.output().splitlines() if "broker started" in line][-1]
@@ -175,7 +147,7 @@ def test_start_log_to_console_and_debug_need_no_policy_edit(live, rigdir):
     assert f"========== Endpoint Manager begins: {mep.endpoint_id}" in mep.output()
     assert f">>> Multi-User Endpoint ID: {mep.endpoint_id} <<<" in mep.output()
     assert mep.policy.read_text() == policy_text
-    bad = subprocess.run(rig.helper_cmd(mep.policy, "--launch", "--broker-flag", "--evil"), capture_output=True,
+    bad = subprocess.run(mep.rigdir.helper_cmd(mep.policy, "--launch", "--broker-flag", "--evil"), capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr  # no other flag gets through
 
@@ -192,16 +164,16 @@ def test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep(live, ac
     levels of shells, each with a later sibling, then the root helper."""
     mep = live(environment={"PROBE_ACTION": json.dumps({"sleep": 600})})
     os.kill(mep.broker_pid(), signal.SIGTERM)
-    rig.reap(mep.proc, 30)
+    procs.reap(mep.proc, 30)
     wrapper = subprocess.Popen(["bash", "-c", '( ( "$@"; : ) & sleep 600; ) & sleep 600 & wait', "forest",
-                                *rig.helper_cmd(mep.policy, "--launch")], stdout=mep.helper_log,
+                                *mep.rigdir.helper_cmd(mep.policy, "--launch")], stdout=mep.helper_log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: mep.output().count("consuming start commands") >= 2, what="the MEP in the forest")
-        [helper] = map(int, wait_for(lambda: rig.run("pgrep", "-s", str(wrapper.pid), "-u", "root", "-f",
+        [helper] = map(int, wait_for(lambda: procs.run("pgrep", "-s", str(wrapper.pid), "-u", "root", "-f",
                                                      r"\[root helper\]", check=False).stdout.split(),
                                      what="the root helper with its title"))
-        [broker] = [int(p) for p in rig.run("pgrep", "-P", str(helper), "-u", accounts.broker.pw_name,
+        [broker] = [int(p) for p in procs.run("pgrep", "-P", str(helper), "-u", accounts.broker.pw_name,
                                             check=False).stdout.split()]
         for user in ("alice", "bob"):
             mep.publish(mep.command(f"mept-{user}@example.org"))
@@ -222,8 +194,8 @@ def test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep(live, ac
         assert f"({helper})" in pstree, pstree  # the UEP's ancestors include the MEP's root pid
     finally:
         os.killpg(wrapper.pid, signal.SIGTERM)
-        rig.reap(wrapper, 30)
-        rig.wait_gone(list(mep.reports_now()), 10)
+        procs.reap(wrapper, 30)
+        procs.wait_gone(list(mep.reports_now()), 10)
 
 
 # -- "Checking the Logs": the lines about processes starting and stopping, and PAM's ------------------
@@ -251,7 +223,7 @@ def test_a_pam_refusal_is_logged_with_its_code_and_reaches_the_user(live, accoun
     """The seed's pam_shells example: a user whose shell is not in /etc/shells does not start,
     and the log has "(error code: 7 [PAM_AUTH_ERR]) Authentication failure"."""
     assert accounts.badshell.pw_shell not in pathlib.Path("/etc/shells").read_text().split()
-    service = rig.pam_service(f"shells-{os.urandom(3).hex()}", "account requisite pam_shells.so\n"
+    service = pam_service(f"shells-{os.urandom(3).hex()}", "account requisite pam_shells.so\n"
                                                               "session required pam_limits.so\n")
     try:
         mep = live(policy={"pam": {"enabled": True, "service": service}})
@@ -264,4 +236,4 @@ def test_a_pam_refusal_is_logged_with_its_code_and_reaches_the_user(live, accoun
         assert "(error code: 7 [PAM_AUTH_ERR]) Authentication failure" in mep.output()
         assert not mep.reports_now()  # no UEP ran
     finally:
-        (rig.PAM_DIR / service).unlink(missing_ok=True)
+        (PAM_DIR / service).unlink(missing_ok=True)

@@ -18,7 +18,8 @@ import subprocess
 
 import pytest
 
-from tests import e2e_rig, rig
+from tests.rigs import procs
+from tests.rigs.service import UEP_PROGRAM, UEP_TEMPLATE, run_sdk
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 WHOAMI = """
@@ -41,7 +42,7 @@ def admin_scripts(rigdir):
     path = rigdir.path / f"admin_scripts-{secrets.token_hex(3)}"
     path.mkdir(mode=0o755)
     yield path
-    rig.run("rm", "-rf", str(path))
+    procs.run("rm", "-rf", str(path))
 
 
 def wrapper(folder: pathlib.Path, body: str) -> None:
@@ -51,13 +52,13 @@ def wrapper(folder: pathlib.Path, body: str) -> None:
 
 
 def submit(service, mep) -> dict:
-    return e2e_rig.run_sdk(service, "mept-alice@example.org", WHOAMI + SUBMIT.format(eid=mep.endpoint_id))
+    return run_sdk(service, "mept-alice@example.org", WHOAMI + SUBMIT.format(eid=mep.endpoint_id))
 
 
 def test_a_site_wrapper_on_the_path_runs_first(service, mep, admin_scripts):
     wrapper(admin_scripts, "# remove the admin_scripts entry from the PATH, as the seed's example does\n"
                            "export PATH=/usr/local/bin:/usr/bin:/bin SITE_WRAPPED=yes\n"
-                           f"exec {e2e_rig.UEP_PROGRAM.rsplit('/', 1)[0]}/globus-compute-endpoint \"$@\"\n")
+                           f"exec {UEP_PROGRAM.rsplit('/', 1)[0]}/globus-compute-endpoint \"$@\"\n")
     m = mep(environment={"PATH": f"{admin_scripts}/"})
     out = submit(service, m)
     assert out.get("result", {}).get("marker") == "yes", out
@@ -72,7 +73,7 @@ def test_the_quickstarts_path_without_usr_bin_still_starts_the_uep(service, mep)
 
 
 def test_debug_true_puts_the_config_between_the_seeds_sentinels_in_the_ueps_log(service, mep, accounts):
-    m = mep(template="debug: true\n" + e2e_rig.UEP_TEMPLATE)
+    m = mep(template="debug: true\n" + UEP_TEMPLATE)
     out = submit(service, m)
     assert "result" in out, out
     logs = list(pathlib.Path(accounts.alice.pw_dir, ".globus_compute").glob("*/endpoint.log"))

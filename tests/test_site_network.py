@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests import mep_rig, rig
+from tests.rigs import procs
+from tests.rigs.mep import LiveMEP
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("rabbitmq")]
 
@@ -39,7 +41,7 @@ def broker_environ(mep) -> dict:
 def test_listed_variables_reach_the_broker_and_no_others(rigdir, monkeypatch):
     for name, value in {**LISTED, **UNLISTED}.items():
         monkeypatch.setenv(name, value)
-    mep = mep_rig.LiveMEP(rigdir)
+    mep = LiveMEP(rigdir)
     try:
         env = broker_environ(mep)
     finally:
@@ -119,7 +121,7 @@ def pki(rigdir):
     yield d, listener
     for one in listeners:
         one.stop()
-    rig.run("rm", "-rf", str(d))
+    procs.run("rm", "-rf", str(d))
 
 
 LOCAL = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
@@ -127,7 +129,7 @@ LOCAL = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0
 
 def start(rigdir, monkeypatch, ca_file, url, wait):
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # reaches the broker through the helper's allow-list
-    return mep_rig.LiveMEP(rigdir, amqp_url=url, wait=wait)
+    return LiveMEP(rigdir, amqp_url=url, wait=wait)
 
 
 def test_amqps_with_the_site_ca_connects_and_serves(rigdir, monkeypatch, pki):
@@ -151,7 +153,7 @@ def test_a_wrong_certificate_is_refused_with_a_line_that_says_so(rigdir, monkeyp
     server = listener(signer, sans)
     mep = start(rigdir, monkeypatch, d / "site-ca.pem", server.url(), wait=False)
     try:
-        mep_rig.wait_for(lambda: mep.proc.poll() is not None, 30, what="the broker to give up")
+        wait_for(lambda: mep.proc.poll() is not None, 30, what="the broker to give up")
         out = mep.output()
         assert "AMQP server's TLS certificate refused; not connecting" in out, out
         assert reason in out, out

@@ -1,6 +1,6 @@
 """End to end on a real batch scheduler: the real SDK Executor -> the local compute service
 -> the MEP -> the real UEP as the mapped user -> Parsl's SlurmProvider -> sbatch, as that
-user -> a Slurm job of that user on the single-node cluster (tests/slurm_rig.py) -> the
+user -> a Slurm job of that user on the single-node cluster (tests/rigs/slurm.py) -> the
 task runs there and its result comes back.
 
 The MEP's template is docs/examples/user_config_template.slurm.yaml.j2, unchanged; the
@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import e2e_rig, mep_rig, rig
+from tests.rigs import procs
+from tests.rigs.accounts import pam_service
+from tests.rigs.mep import many
+from tests.rigs.procs import wait_for
+from tests.rigs.service import UEP_PROGRAM, live_mep, run_sdk, uep_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.slurm,
               pytest.mark.usefixtures("no_strays", "rabbitmq")]
@@ -38,14 +42,14 @@ def where(x):
 @pytest.fixture
 def mep(rigdir, service, slurm):
     launcher = Path(__file__).resolve().parent.parent / "scripts" / "uep-start.sh"
-    assert Path(e2e_rig.UEP_PROGRAM).read_text() == launcher.read_text(), \
-        f"{e2e_rig.UEP_PROGRAM} is not this checkout's scripts/uep-start.sh (it tags batch jobs): run scripts/setup.sh"
+    assert Path(UEP_PROGRAM).read_text() == launcher.read_text(), \
+        f"{UEP_PROGRAM} is not this checkout's scripts/uep-start.sh (it tags batch jobs): run scripts/setup.sh"
     def start(**kw):
         # a UEP with a live block takes longer than this to end on TERM: the stop then KILLs it
         config = {"mu_child_ep_grace_period_s": 5, **kw.pop("config", {})}
-        return e2e_rig.live_mep(rigdir, service, template=TEMPLATE, schema=SCHEMA, config=config,
+        return live_mep(rigdir, service, template=TEMPLATE, schema=SCHEMA, config=config,
                                 environment={"SLURM_CONF": str(slurm.conf)}, **kw)
-    yield from mep_rig.many(start)
+    yield from many(start)
 
 
 def run(service, m, user, body: str, opts: dict | None = None, timeout: float = 150) -> dict:
@@ -55,7 +59,7 @@ def run(service, m, user, body: str, opts: dict | None = None, timeout: float = 
 with Executor(endpoint_id={m.endpoint_id!r}, client=client, user_endpoint_config={opts!r}) as ex:
 {body}
 """
-    return e2e_rig.run_sdk(service, user, script, timeout=timeout)
+    return run_sdk(service, user, script, timeout=timeout)
 
 
 RESULT = "    print(json.dumps(ex.submit(where, 21).result(timeout=120)))"
@@ -63,7 +67,7 @@ RESULT = "    print(json.dumps(ex.submit(where, 21).result(timeout=120)))"
 
 def no_jobs_of(slurm, user: str, timeout: float = 10.0) -> bool:
     try:
-        mep_rig.wait_for(lambda: not slurm.jobs(user), timeout=timeout, interval=0.2, what=f"{user}'s jobs to end")
+        wait_for(lambda: not slurm.jobs(user), timeout=timeout, interval=0.2, what=f"{user}'s jobs to end")
         return True
     except AssertionError:
         return False
@@ -71,7 +75,7 @@ def no_jobs_of(slurm, user: str, timeout: float = 10.0) -> bool:
 
 def completion(slurm, job: str, timeout: float = 15.0) -> dict:
     """The job completion log's record of `job` (written when the job has ended)."""
-    return mep_rig.wait_for(lambda: next((r for r in slurm.completed() if r["JobId"] == job), None),
+    return wait_for(lambda: next((r for r in slurm.completed() if r["JobId"] == job), None),
                             timeout=timeout, what=f"job {job} in the completion log")
 
 
@@ -80,7 +84,7 @@ def uep_log(user: str = "mept-alice") -> str:
 
 
 def no_new_privs(pid: int) -> str:
-    return rig.proc_status_field(pid, "NoNewPrivs")
+    return procs.proc_status_field(pid, "NoNewPrivs")
 
 
 @pytest.mark.parametrize("pam", [False, True], ids=["pam-off", "pam-on"])
@@ -89,13 +93,13 @@ def test_the_task_runs_in_a_slurm_job_of_the_mapped_user(service, mep, slurm, ac
     and when the MEP stops, the job is cancelled and logged as that user's."""
     policy = {}
     if pam:
-        policy["pam"] = {"enabled": True, "service": rig.pam_service(
+        policy["pam"] = {"enabled": True, "service": pam_service(
             "slurm", "auth required pam_permit.so\naccount required pam_unix.so\nsession required pam_unix.so\n")}
     m = mep(policy=policy)
     got = run(service, m, ALICE, RESULT)
     assert got["user"] == "mept-alice" and got["uid"] == accounts.alice.pw_uid and got["x"] == 42
     assert got["job"] and got["job"].isdigit()
-    [uep] = e2e_rig.uep_pids(m)
+    [uep] = uep_pids(m)
     assert no_new_privs(uep) == ("0" if pam else "1")
     jobs = slurm.jobs()
     assert [(j["id"], j["user"], j["account"]) for j in jobs] == [(got["job"], "mept-alice", ACCOUNT)]
@@ -121,9 +125,9 @@ def test_max_idletime_scales_the_block_down_and_the_job_ends(service, mep, slurm
     """With MAX_IDLETIME=2 the idle block is cancelled by the UEP itself, which keeps running."""
     m = mep()
     got = run(service, m, ALICE, RESULT, opts={"MAX_IDLETIME": 2})
-    [uep] = e2e_rig.uep_pids(m)
+    [uep] = uep_pids(m)
     assert no_jobs_of(slurm, "mept-alice", timeout=60), slurm.jobs()
-    assert rig.alive(uep) and "user endpoint exited" not in m.output()  # the UEP scaled in; it did not end
+    assert procs.alive(uep) and "user endpoint exited" not in m.output()  # the UEP scaled in; it did not end
     record = completion(slurm, got["job"])
     assert record["UserId"] == f"mept-alice({accounts.alice.pw_uid})"
 
@@ -132,10 +136,10 @@ def test_a_sigkilled_uep_leaves_no_batch_job(service, mep, slurm):
     """SIGKILL gives the UEP no chance to cancel its block: the MEP cancels it, as the user."""
     m = mep()
     got = run(service, m, ALICE, RESULT)
-    [uep] = e2e_rig.uep_pids(m)
+    [uep] = uep_pids(m)
     assert [j["id"] for j in slurm.jobs("mept-alice")] == [got["job"]]
     os.kill(uep, signal.SIGKILL)
-    mep_rig.wait_for(lambda: "user endpoint exited" in m.output(), what="the MEP to see the exit")
+    wait_for(lambda: "user endpoint exited" in m.output(), what="the MEP to see the exit")
     assert no_jobs_of(slurm, "mept-alice", timeout=10), f"{slurm.jobs()}\n{m.output()[-3000:]}"
     assert completion(slurm, got["job"])["JobState"] == "CANCELLED"
     assert "batch jobs of the user endpoint cancelled" in m.output()
@@ -163,9 +167,9 @@ def test_a_uep_started_before_a_reload_still_leaves_no_batch_job(service, mep, s
     Slurm jobs travels with its record, so its jobs are still cancelled after a SIGKILL."""
     m = mep()
     got = run(service, m, ALICE, RESULT)
-    [uep] = e2e_rig.uep_pids(m)
+    [uep] = uep_pids(m)
     os.kill(m.broker_pid(), signal.SIGHUP)
-    mep_rig.wait_for(lambda: "broker re-executed in place" in m.output(), what="the re-exec")
+    wait_for(lambda: "broker re-executed in place" in m.output(), what="the re-exec")
     assert [j["id"] for j in slurm.jobs("mept-alice")] == [got["job"]]
     os.kill(uep, signal.SIGKILL)
     assert no_jobs_of(slurm, "mept-alice", timeout=10), f"{slurm.jobs()}\n{m.output()[-3000:]}"

@@ -22,8 +22,11 @@ import subprocess
 import pytest
 
 from broker import boot
-from tests import mep_rig, rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.accounts import pam_service
+from tests.rigs.helper import ROOT
+from tests.rigs.mep import VENV_PYTHON, LiveMEP
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 MEPCTL = ["/opt/mep/venv/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -70,11 +73,11 @@ def configured(rigdir, accounts):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     yield croot
-    rig.run("rm", "-rf", str(croot))
+    procs.run("rm", "-rf", str(croot))
 
 
 def test_every_unit_template_is_rendered_by_enable_on_boot(rigdir, configured):
-    shipped = {p.name for p in (rig.ROOT / "systemd").glob("*.in")}
+    shipped = {p.name for p in (ROOT / "systemd").glob("*.in")}
     used = {t for mode in (False, True) for t in boot.unit_files("x", mode).values()}
     assert shipped == used == set(THRESHOLDS) | {"helper.socket.in"}
     units = rigdir.path / f"units-{os.urandom(3).hex()}"
@@ -90,7 +93,7 @@ def test_every_unit_template_is_rendered_by_enable_on_boot(rigdir, configured):
                          capture_output=True, text=True)
     assert "systemctl stop globus-compute-mep-units.service globus-compute-mep-units-helper.socket" in off.stdout
     assert all(str(p) in off.stdout for p in units.iterdir())
-    rig.run("rm", "-rf", str(units))
+    procs.run("rm", "-rf", str(units))
 
 
 @pytest.mark.parametrize("socket_activated", [False, True], ids=["launch", "socket-activated"])
@@ -111,7 +114,7 @@ def test_systemd_verifies_each_unit_and_its_exposure_is_under_the_threshold(rigd
         assert exposure, security.stdout + security.stderr
         assert security.returncode == 0 and float(exposure[1]) <= THRESHOLDS[template], \
             f"{unit}: exposure {exposure[1]} over {THRESHOLDS[template]}\n{security.stdout}"
-    rig.run("rm", "-rf", str(units))
+    procs.run("rm", "-rf", str(units))
 
 
 def test_a_config_under_a_home_directory_stays_visible_to_the_broker(accounts, tmp_path):
@@ -125,10 +128,10 @@ def test_a_config_under_a_home_directory_stays_visible_to_the_broker(accounts, t
         assert broker["Service", "ReadWritePaths"] == [f"{home}/h/endpoint.log {home}/h/run -/var/log/mep-audit.log"]
         assert broker["Service", "User"] == [accounts.broker.pw_name]
     finally:
-        rig.run("rm", "-rf", str(home))
+        procs.run("rm", "-rf", str(home))
 
 
-class SocketActivatedMEP(mep_rig.LiveMEP):
+class SocketActivatedMEP(LiveMEP):
     """A LiveMEP started the way the rendered socket-activated units start it."""
 
     def launch(self, out) -> subprocess.Popen:
@@ -140,7 +143,7 @@ class SocketActivatedMEP(mep_rig.LiveMEP):
         os.chown(self.dir / "helper.key", 0, self.accounts.broker.pw_gid)
         os.chmod(self.dir / "helper.key", 0o640)
         self.units = {u: parse_unit(t) for u, t in boot.render(name, croot, socket_activated=True,
-                                                                python=mep_rig.VENV_PYTHON).items()}
+                                                                python=VENV_PYTHON).items()}
         base = boot.service_name(name)
         sock, helper = self.units[f"{base}-helper.socket"], self.units[f"{base}-helper@.service"]
         self.broker_unit = self.units[f"{base}.service"]
@@ -153,7 +156,7 @@ class SocketActivatedMEP(mep_rig.LiveMEP):
              str(self.sock_path), *shlex.split(helper["Service", "ExecStart"][0])],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"})
         wait_for(self.sock_path.exists, what="the helper socket")
-        rig.run("chgrp", sock["Socket", "SocketGroup"][0], str(self.sock_path))
+        procs.run("chgrp", sock["Socket", "SocketGroup"][0], str(self.sock_path))
         os.chmod(self.sock_path, int(sock["Socket", "SocketMode"][0], 8))
         return self.start_broker()
 
@@ -172,13 +175,13 @@ class SocketActivatedMEP(mep_rig.LiveMEP):
         return self.proc.pid  # setpriv and the MDWE wrapper exec: the Popen's pid is the broker's
 
     def helper_instances(self) -> list:
-        return [int(p) for p in rig.run("pgrep", "-P", str(self.activator.pid), check=False).stdout.split()]
+        return [int(p) for p in procs.run("pgrep", "-P", str(self.activator.pid), check=False).stdout.split()]
 
     def stop(self, sig=15) -> int:
         code = super().stop(sig)
         self.activator.terminate()
-        rig.reap(self.activator, 15)
-        rig.run("rm", "-rf", str(self.sock_path.parent))
+        procs.reap(self.activator, 15)
+        procs.run("rm", "-rf", str(self.sock_path.parent))
         return code
 
 
@@ -197,7 +200,7 @@ def test_memory_deny_write_execute_survives_exec():
 
 
 def test_socket_activated_units_run_a_mep_end_to_end(rigdir, accounts):
-    pam = rig.pam_service("units", "auth required pam_permit.so\naccount required pam_unix.so\n"
+    pam = pam_service("units", "auth required pam_permit.so\naccount required pam_unix.so\n"
                           "session required pam_limits.so\n")
     mep = SocketActivatedMEP(rigdir, policy={"pam": {"enabled": True, "service": pam}})
     try:
@@ -221,8 +224,8 @@ def test_socket_activated_units_run_a_mep_end_to_end(rigdir, accounts):
         # a broker that dies takes its helper and UEPs with it; the next one gets a fresh helper
         pids = list(mep.reports_now())
         os.kill(mep.broker_pid(), signal.SIGKILL)
-        rig.reap(mep.proc, 10)
-        assert rig.wait_gone(pids + [helper], 10) == []
+        procs.reap(mep.proc, 10)
+        assert procs.wait_gone(pids + [helper], 10) == []
         mep.proc = mep.start_broker()
         wait_for(lambda: mep.output().count("consuming start commands") == 2, what="the second broker")
         mep.publish(mep.command("mept-alice@example.org"))

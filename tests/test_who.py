@@ -4,7 +4,8 @@ import pytest
 
 from protocol.messages import Spawn
 
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.accounts import PREFIX, add_user
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
 
@@ -27,7 +28,7 @@ def test_uid_zero_is_never_spawned(helpers):
 def test_policy_cannot_allow_uid_zero(rigdir, sh):
     """5: min_uid = 0 in a policy stops the helper at start."""
     policy = rigdir.policy(min_uid=0)
-    out = sh(*rig.helper_cmd(policy, "--fd", "0"))
+    out = sh(*rigdir.helper_cmd(policy, "--fd", "0"))
     assert out.returncode == 78
     assert "min_uid must be at least 1 (uid 0 is never spawned)" in out.stderr
 
@@ -108,9 +109,9 @@ def test_limits_hold_under_a_burst(helpers, accounts):
     assert [name for name, _ in spawned] == [a.pw_name, a.pw_name, b.pw_name, c.pw_name]
     assert replies[2][1].code == "limit-user" and "max_children_per_user" in replies[2][1].reason
     assert {r.code for _, r in replies[5:]} == {"limit-total"}
-    assert sorted(p for u in (a, b, c) for p in rig.processes_of(u.pw_name)) == sorted(r.pid for _, r in spawned)
+    assert sorted(p for u in (a, b, c) for p in procs.processes_of(u.pw_name)) == sorted(r.pid for _, r in spawned)
     helper.stop()
-    assert rig.wait_gone([r.pid for _, r in spawned]) == []
+    assert procs.wait_gone([r.pid for _, r in spawned]) == []
 
 
 def test_reserved_and_top_uids_with_real_accounts(accounts):
@@ -119,7 +120,7 @@ def test_reserved_and_top_uids_with_real_accounts(accounts):
     uid as -1, which no request can carry: docs/mutation.md.)"""
     from privhelper.authorize import Refusal, authorize
     from privhelper.policy import Policy
-    made = {uid: rig.add_user(f"{rig.PREFIX}uid{uid}", uid=uid, system=True) for uid in (2**32 - 2, 2**31 - 1, 2**31)}
+    made = {uid: add_user(f"{PREFIX}uid{uid}", uid=uid, system=True) for uid in (2**32 - 2, 2**31 - 1, 2**31)}
     try:
         def check(pw, **kw):
             pol = Policy(path="/p", broker_user="b", broker_uid=999, key_file="/k", uep_argv=("/bin/true", "{name}"), **kw)
@@ -134,4 +135,4 @@ def test_reserved_and_top_uids_with_real_accounts(accounts):
         assert check(made[2**31], max_uid=2**31) == 2**31
     finally:
         for pw in made.values():
-            rig.run("userdel", pw.pw_name, check=False)
+            procs.run("userdel", pw.pw_name, check=False)

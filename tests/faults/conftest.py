@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests import rig
+from tests.rigs.accounts import PAM_DIR, pam_service
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def pam(rigdir):
     slow = rigdir.file(f"pam-{tag}-slow.sh", f'#!/bin/sh\n[ "$PAM_USER" = mept-bob ] || exit 0\n'
                        f'echo "$PAM_USER" >> {marker}\n[ -e {hold} ] || exec sleep 3\n'
                        f'for i in $(seq 600); do [ -e {release} ] && exit 0; sleep 0.1; done\n', mode=0o755)
-    service = rig.pam_service(f"faults-{tag}", f"auth required pam_permit.so\naccount required pam_exec.so {slow}\n"
+    service = pam_service(f"faults-{tag}", f"auth required pam_permit.so\naccount required pam_exec.so {slow}\n"
                               f"account required pam_unix.so\nsession required pam_exec.so {hook}\n")
     yield {"service": service, "log": log, "marker": marker, "hold": hold, "release": release, "policy": {"pam": {"enabled": True, "service": service}}}
-    (rig.PAM_DIR / service).unlink(missing_ok=True)
+    (PAM_DIR / service).unlink(missing_ok=True)

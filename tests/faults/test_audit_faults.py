@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from tests import mep_rig, rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.mep import LiveMEP
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 HA = {"high_assurance": True, "subscription_id": "00000000-0000-0000-0000-000000000002"}
@@ -20,7 +21,7 @@ HA = {"high_assurance": True, "subscription_id": "00000000-0000-0000-0000-000000
 def small_fs(rigdir, accounts):
     path = rigdir.path / f"auditfs-{os.urandom(3).hex()}"
     path.mkdir()
-    rig.run("mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(path))
+    procs.run("mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(path))
     os.chown(path, accounts.broker.pw_uid, accounts.broker.pw_gid)
     try:
         yield path
@@ -34,7 +35,7 @@ def test_audit_log_on_a_full_file_system_refuses_new_starts_with_a_notice(live, 
                environment={"PROBE_REPORT_DIR": "", "PROBE_ACTION": json.dumps({"sleep": 1})})
     mep.publish(mep.command("mept-alice@example.org"))
     wait_for(lambda: " uep=" in audit.read_text(), what="the first audit line")
-    rig.run("dd", "if=/dev/zero", f"of={small_fs / 'filler'}", "bs=4k", "count=64", check=False)
+    procs.run("dd", "if=/dev/zero", f"of={small_fs / 'filler'}", "bs=4k", "count=64", check=False)
     for _ in range(10):  # each UEP writes one record to its audit pipe; soon one does not fit
         mep.publish(mep.command("mept-bob@example.org"))
         try:
@@ -52,8 +53,8 @@ def test_audit_log_on_a_full_file_system_refuses_new_starts_with_a_notice(live, 
 
 
 def test_audit_log_on_a_read_only_file_system_stops_the_mep_at_start(rigdir, accounts, small_fs):
-    rig.run("mount", "-o", "remount,ro", str(small_fs))
+    procs.run("mount", "-o", "remount,ro", str(small_fs))
     with pytest.raises(AssertionError, match="MEP ended at start") as failed:
-        mep_rig.LiveMEP(rigdir, config={**HA, "audit_log_path": str(small_fs / "audit.log")})
+        LiveMEP(rigdir, config={**HA, "audit_log_path": str(small_fs / "audit.log")})
     assert "cannot open the audit log; a high-assurance MEP does not start without it" in str(failed.value)
     assert "Read-only file system" in str(failed.value)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.mep_rig import wait_for
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 PROBE_SHORT = {"PROBE_ACTION": json.dumps({"sleep": 1})}

@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocol.messages import MAX_ENV_VALUE
-from tests import rig
-from tests.mep_rig import identity, wait_for
+from tests.rigs import procs
+from tests.rigs.mep import identity
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 OUTCOMES = ("user endpoint started", "user endpoint not started", "start command refused",
@@ -144,13 +145,13 @@ def test_random_start_commands_against_a_live_broker(live, accounts):
                  what=f"an outcome for {raw[:300]!r}")
         assert mep.proc.poll() is None, mep.output()[-3000:]
         assert len(outcome_lines(mep)) == before + 1, outcome_lines(mep)[before:]
-        assert rig.alive(bystander), f"the bystander's UEP is gone after {raw[:300]!r}"
+        assert procs.alive(bystander), f"the bystander's UEP is gone after {raw[:300]!r}"
 
     one_command()
     time.sleep(1)  # a late second outcome for some command would show now
     log = mep.output()
     assert len(outcome_lines(mep)) == len(published) + 1  # and the bystander's
-    assert rig.alive(bystander) and bystander in mep.reports_now()
+    assert procs.alive(bystander) and bystander in mep.reports_now()
     seen = {o: sum(o in line for line in outcome_lines(mep)) for o in OUTCOMES}
     print(seen)
     # every stage was reached: parsing refused some, mapping, templates or the helper others
@@ -169,4 +170,4 @@ def test_random_start_commands_against_a_live_broker(live, accounts):
     mep.publish(mep.command("mept-carol@example.org"))
     new = wait_for(lambda: set(mep.reports_now()) - before, what="a start after the fuzzing")
     assert mep.reports_now()[new.pop()][0]["resuid"][0] == a.carol.pw_uid
-    assert rig.processes_of(a.broker.pw_name) == [broker]
+    assert procs.processes_of(a.broker.pw_name) == [broker]

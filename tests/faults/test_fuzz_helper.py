@@ -1,6 +1,6 @@
 """Hostile input against the live helper (issue 7; SECURITY-REVIEW 2-4 on the real loop).
 
-Every case is a fresh helper serving one connection, forked by tests/faults/forkserver.py
+Every case is a fresh helper serving one connection, forked by tests/rigs/forkserver.py
 from the real helper code as root (real kernel, real accounts, real policy file): one
 case in 20 runs the helper's whole entry point, the others its monitor loop alone with
 the policy loaded once (the frames meet the same code either way; forking the loop
@@ -24,26 +24,23 @@ import os
 import random
 import re
 import secrets
-import socket
 import struct
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from broker.session import BrokerSession
+from broker.protocol_session import BrokerSession
 from protocol import canonical
-from protocol.framing import FrameReader, encode_frame
+from protocol.framing import encode_frame
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_ENV_VALUE, MAX_ENV_VARS, MAX_PID, MAX_STDIN, Ping, Signal, Spawn, from_wire, to_wire
 from protocol.session import request_mac
-from tests import rig
+from tests.rigs import procs
+from tests.rigs.helper import ForkServer
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 FRAMES = int(os.environ.get("MEP_FUZZ_FRAMES", "10000"))  # fewer only to debug
-FORKSERVER = Path(__file__).with_name("forkserver.py")
 SESSION_LINE = re.compile(r"session process \d+ for req=(\S+) user=(\S+) uid=(\d+)")
 DENIED_ENV = ["LD_PRELOAD", "PYTHONPATH", "BASH_FUNC_x", "GLIBC_TUNABLES", "HOME", "USER", "IFS", "PERL5OPT"]
 
@@ -70,72 +67,6 @@ class Outcome:
         return found
 
 
-class ForkServer:
-    def __init__(self, rigdir, policy: Path):
-        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.log_path = rigdir.path / f"fuzz-{secrets.token_hex(4)}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([rig.PYTHON, "-I", "-S", str(FORKSERVER), str(rig.CODE_DIR), str(policy),
-                                      str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        theirs.close()
-        self.key = rigdir.key
-
-    def case(self, script, answers: int = 0, whole_helper: bool = False) -> Outcome:
-        """Run one connection: `script(broker_session)` returns the chunks to send once
-        the challenge is in; the write side is closed after them, once `answers` replies
-        to requests have come (as a broker waits for its answers before it goes)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        start = self.log_path.stat().st_size
-        socket.send_fds(self.control, [b"m" if whole_helper else b"r"], [theirs.fileno()])
-        theirs.close()
-        ours.settimeout(20)
-        session, reader, replies = BrokerSession(self.key), FrameReader(), []
-        try:
-            while (frame := reader.next_frame()) is None:
-                data = ours.recv(65536)
-                assert data, "the helper sent no challenge"
-                reader.feed(data)
-            session.receive_data(encode_frame(frame))
-            session.next_event()
-            for chunk in script(session):
-                ours.sendall(chunk)
-            while sum(r.get("type") in ("spawned", "refused", "signaled", "pong") for r in replies) < answers:
-                if not self._receive(ours, reader, replies):
-                    break
-            ours.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the helper ended the connection first: the outcome says why
-        try:
-            while self._receive(ours, reader, replies):
-                pass
-        except ConnectionResetError:
-            pass
-        finally:
-            ours.close()
-        [status] = struct.unpack(">i", self.control.recv(4))
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            f.seek(start)
-            log = f.read().decode("utf-8", "replace")
-        return Outcome(status, replies, log)
-
-    @staticmethod
-    def _receive(sock, reader, replies) -> bool:
-        data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
-        for fd in fds:
-            os.close(fd)
-        reader.feed(data)
-        while (frame := reader.next_frame()) is not None:
-            replies.append(json.loads(frame))
-        return bool(data)
-
-    def close(self) -> None:
-        self.control.close()
-        rig.reap(self.proc, 10)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def fuzz(rigdir, accounts):
     a = accounts
@@ -147,9 +78,9 @@ def fuzz(rigdir, accounts):
     allowed = {u.pw_name: u.pw_uid for u in (a.alice, a.bob, a.carol)}
     yield server, allowed
     server.close()
-    left = {u.pw_name: rig.processes_of(u.pw_name) for u in (a.alice, a.bob, a.carol)}
+    left = {u.pw_name: procs.processes_of(u.pw_name) for u in (a.alice, a.bob, a.carol)}
     for pids in left.values():
-        rig.kill_all(pids)
+        procs.kill_all(pids)
     assert not any(left.values()), f"processes left running as test users: {left}"
 
 
@@ -308,7 +239,7 @@ def test_ten_thousand_random_and_mutated_frames(fuzz, accounts):
         sent = {}
         if i % 50 == 25:  # the bystander's oracle: valid requests, at the caps too, never end its UEP
             script, answers = bystander_case(rng, who, accounts, sent)
-            outcome = server.case(script, answers=answers)
+            outcome = Outcome(*server.case(script, answers=answers))
             [spawned] = [r for r in outcome.replies if r.get("req") == "r1"]
             answered = {r.get("req") for r in outcome.replies if r.get("type") in ("spawned", "refused", "signaled", "pong")}
             if outcome.code != 0 or spawned["type"] != "spawned" or answered != set(sent) or any(
@@ -318,7 +249,7 @@ def test_ten_thousand_random_and_mutated_frames(fuzz, accounts):
             bystanders += 1
             codes[outcome.code] += 1
             continue
-        outcome = server.case(make_case(rng, who, allowed, sent), whole_helper=i % 20 == 0)
+        outcome = Outcome(*server.case(make_case(rng, who, allowed, sent), whole_helper=i % 20 == 0))
         codes[outcome.code] += 1
         refusals.update(r["code"] for r in outcome.replies if r.get("type") == "refused")
         forked += len(SESSION_LINE.findall(outcome.log))
@@ -375,7 +306,7 @@ def test_signed_spawn_requests_spawn_only_what_the_policy_allows(fuzz, who):
                 sent[req.req] = req
                 chunks.append(session.send(req))
             return chunks
-        outcome = server.case(script, answers=len(fields))
+        outcome = Outcome(*server.case(script, answers=len(fields)))
         assert outcome.code == 0, outcome.log
         assert not outcome.problems(allowed, sent), outcome.problems(allowed, sent)
         answered = collections.Counter(r["req"] for r in outcome.replies if r["type"] in ("spawned", "refused"))

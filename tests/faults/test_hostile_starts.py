@@ -17,8 +17,9 @@ import time
 import pytest
 
 from protocol.messages import MAX_ENV_VALUE, MAX_STDIN, Signal
-from tests import mep_rig, rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.mep import TEMPLATE
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 SLEEPY = {"PROBE_ACTION": json.dumps({"sleep": 600})}
@@ -40,7 +41,7 @@ class Bystander:
     def check(self, what: str) -> None:
         assert self.mep.proc.poll() is None, f"{what}: the helper ended:\n{self.mep.output()[-3000:]}"
         assert self.mep.broker_pid() == self.broker, f"{what}: the broker was replaced"
-        assert rig.alive(self.pid), f"{what}: bob's UEP {self.pid} is gone:\n{self.mep.output()[-3000:]}"
+        assert procs.alive(self.pid), f"{what}: bob's UEP {self.pid} is gone:\n{self.mep.output()[-3000:]}"
 
 
 def error_of(mep, cmd) -> str:
@@ -169,7 +170,7 @@ def test_environment_file_names_values_and_frame_size(live, accounts):
 def test_an_unexpected_error_sends_a_notice_with_a_reference(live, accounts):
     """An error no rule foresaw (here: the admin's template divides by zero) refuses that
     start with a notice whose reference finds the traceback in the log."""
-    template = mep_rig.TEMPLATE + "{% if boom is defined %}x: {{ 1 // 0 }}{% endif %}\n"
+    template = TEMPLATE + "{% if boom is defined %}x: {{ 1 // 0 }}{% endif %}\n"
     mep = live(template=template, environment=SLEEPY)
     bob = Bystander(mep)
     cmd = mep.command("mept-alice@example.org", user_opts={"boom": 1})
@@ -188,7 +189,7 @@ def test_a_second_start_of_the_same_endpoint_is_refused(live, accounts):
     mep = live(environment=SLEEPY)
     bob = Bystander(mep)
     second = mep.launch(open(mep.dir / "second.log", "w"))
-    assert rig.reap(second, 30) != 0
+    assert procs.reap(second, 30) != 0
     said = (mep.dir / "second.log").read_text()
     assert f"already running (broker pid {bob.broker}" in said, said
     bob.check("a second start")
@@ -200,13 +201,13 @@ def test_a_second_start_of_the_same_endpoint_is_refused(live, accounts):
     (other.dir / "registration.json").write_text((mep.dir / "registration.json").read_text())
     other.helper_log = open(other.helper_log_path, "a")
     other.proc = other.launch(other.helper_log)
-    assert rig.reap(other.proc, 30) != 0
+    assert procs.reap(other.proc, 30) != 0
     assert "another MEP is consuming this endpoint's command queue" in other.output()
     bob.check("the same registration elsewhere")
     # a MEP killed outright leaves a lock that does not block the next start
     os.kill(mep.proc.pid, signal.SIGKILL)
-    rig.reap(mep.proc, 10)
-    rig.wait_gone([bob.pid, bob.broker], 10)
+    procs.reap(mep.proc, 10)
+    procs.wait_gone([bob.pid, bob.broker], 10)
     mep.relaunch()
     assert mep.broker_pid() != bob.broker
 
@@ -223,7 +224,7 @@ def test_a_command_interrupted_twice_is_refused_not_retried_forever(live, accoun
             wait_for(lambda: pam["marker"].exists() and len(pam["marker"].read_text().split()) == attempt,
                      what=f"bob's PAM step, attempt {attempt}")
             os.kill(mep.broker_pid(), signal.SIGKILL)
-            rig.reap(mep.proc, 15)
+            procs.reap(mep.proc, 15)
             assert mep.queue_depth() == 1  # not acked: back in the queue
             mep.relaunch()
         error = error_of(mep, cmd)
@@ -267,6 +268,6 @@ def test_signals_racing_uep_exits_never_end_the_helper(helpers, accounts, rigdir
     record_property("race_rounds", rounds)
     print(f"signal race: {rounds} rounds, outcomes {outcomes_seen}")
     assert helper.proc.poll() is None, helper.output()[-3000:]
-    assert rig.alive(bystander.pid), f"the bystander UEP {bystander.pid} is gone after {rounds} rounds"
+    assert procs.alive(bystander.pid), f"the bystander UEP {bystander.pid} is gone after {rounds} rounds"
     assert not [e for e in client.events if e.TYPE == "exited" and e.pid == bystander.pid], "the bystander exited"
     assert "already-exited" in outcomes_seen, (rounds, outcomes_seen)  # the race was really run

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests import rig
-from tests.mep_rig import wait_for
+from tests.rigs import procs
+from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.usefixtures("no_strays", "rabbitmq")]
 MAX_QUEUES = 300  # above this, a RabbitMQ restart has been seen to hang in queue recovery
@@ -29,7 +29,7 @@ def sessions(pam) -> list:
 
 
 def zombies() -> list:
-    out = rig.run("ps", "-eo", "pid=,stat=,user:32=", check=False).stdout.split("\n")
+    out = procs.run("ps", "-eo", "pid=,stat=,user:32=", check=False).stdout.split("\n")
     return [line for line in out if line.split()[1:2] and line.split()[1].startswith("Z")]
 
 
@@ -49,13 +49,13 @@ def test_broker_sigkill_with_a_spawn_in_flight(live, accounts, pam):
     zombies_before = len(zombies())
     os.kill(mep.broker_pid(), signal.SIGKILL)
     t0 = time.monotonic()
-    assert rig.wait_gone([alice_pid], 5) == [], "alice's UEP outlived the broker by 5 s"
-    rig.reap(mep.proc, 10)  # the helper ends once its session processes have
+    assert procs.wait_gone([alice_pid], 5) == [], "alice's UEP outlived the broker by 5 s"
+    procs.reap(mep.proc, 10)  # the helper ends once its session processes have
     gone_after = time.monotonic() - t0
     assert gone_after < 5 + 3, f"the helper took {gone_after:.1f} s"  # bob's PAM step may finish its 3 s first
     assert "close_session mept-alice" in sessions(pam)
     assert sessions(pam).count("open_session mept-bob") == sessions(pam).count("close_session mept-bob")
-    assert rig.processes_of("mept-alice") == rig.processes_of("mept-bob") == []
+    assert procs.processes_of("mept-alice") == procs.processes_of("mept-bob") == []
     wait_for(lambda: len(zombies()) <= zombies_before, timeout=5, what=f"no zombie left: {zombies()}")
     assert started_lines(mep, bob["kwargs"]["name"]) == 0
     assert mep.queue_depth() == 1  # bob's command: never acked, back in the queue
@@ -77,16 +77,16 @@ def test_helper_sigkill_takes_the_broker_and_every_uep(live, accounts, pam):
         mep.publish(mep.command(f"mept-{user}@example.org"))
     pids = list(wait_for(lambda: len(r := mep.reports_now()) == 2 and r, what="two UEPs"))
     broker = mep.broker_pid()
-    sessions_pids = [int(p) for p in rig.run("pgrep", "-P", str(mep.proc.pid), "-u", "root", check=False).stdout.split()]
+    sessions_pids = [int(p) for p in procs.run("pgrep", "-P", str(mep.proc.pid), "-u", "root", check=False).stdout.split()]
     assert len(sessions_pids) == 2
     zombies_before = len(zombies())
     os.kill(mep.proc.pid, signal.SIGKILL)
-    rig.reap(mep.proc, 5)
-    assert rig.wait_gone([broker, *sessions_pids, *pids], 5) == []
+    procs.reap(mep.proc, 5)
+    assert procs.wait_gone([broker, *sessions_pids, *pids], 5) == []
     wait_for(lambda: {"close_session mept-alice", "close_session mept-carol"} <= set(sessions(pam)), timeout=5,
              what="both PAM sessions to close")
-    assert rig.processes_of("mept-alice") == rig.processes_of("mept-carol") == []
-    assert rig.processes_of(accounts.broker.pw_name) == []
+    assert procs.processes_of("mept-alice") == procs.processes_of("mept-carol") == []
+    assert procs.processes_of(accounts.broker.pw_name) == []
     # the orphans' last parent is init, which reaps them in its own time
     wait_for(lambda: len(zombies()) <= zombies_before, timeout=5, what=f"no zombie left: {zombies()}")
 
@@ -115,8 +115,8 @@ def test_twenty_sighups_while_a_hundred_commands_stream_in(live, accounts):
     reports = mep.reports_now()
     assert sorted(r[0]["argv"][-1] for p, r in reports.items() if p != carol_pid) == \
         sorted(c["kwargs"]["name"] for c in commands)  # every command served, none twice
-    assert mep.broker_pid() == broker and rig.alive(carol_pid)
-    assert all(rig.alive(p) for p in reports)  # every UEP kept running through the re-execs
+    assert mep.broker_pid() == broker and procs.alive(carol_pid)
+    assert all(procs.alive(p) for p in reports)  # every UEP kept running through the re-execs
     reexecs = mep.output().count("broker re-executed in place")
     assert 1 <= reexecs <= 20, reexecs  # SIGHUPs that arrive during a re-exec fold into the next
     assert "user endpoint not started" not in mep.output() and "Traceback" not in mep.output()
@@ -164,7 +164,7 @@ def test_rabbitmq_stopped_for_thirty_seconds(live, accounts, pam):
     carol = mep.command("mept-carol@example.org")
     mep.publish(carol)
     wait_for(lambda: started_lines(mep, carol["kwargs"]["name"]) == 1, timeout=20, what="a start after the outage")
-    assert rig.alive(alice_pid) and mep.proc.poll() is None
+    assert procs.alive(alice_pid) and mep.proc.poll() is None
     assert started_lines(mep, bob["kwargs"]["name"]) == 1
     wait_for(lambda: len(mep.reports_now()) == 3, what="one report each from alice's, bob's and carol's UEP")
 
@@ -176,11 +176,11 @@ def test_a_sighup_during_the_re_exec_itself_is_kept_for_the_new_image(live, acco
     and re-executes once more."""
     mep = live()
     broker = mep.broker_pid()
-    with rig.strace_holding(broker, "execve", "delay_enter=1500000:when=1"):
+    with procs.strace_holding(broker, "execve", "delay_enter=1500000:when=1"):
         os.kill(broker, signal.SIGHUP)
         # held: after its last words, stopped by the tracer (a signal's delivery stops it too,
         # so "t" alone could be the SIGHUP above)
-        wait_for(lambda: "re-executing the broker" in mep.output() and rig.proc_state(broker) == "t", timeout=15,
+        wait_for(lambda: "re-executing the broker" in mep.output() and procs.proc_state(broker) == "t", timeout=15,
                  what="the broker held at its execve()")
         os.kill(broker, signal.SIGHUP)  # arrives in the window between the two images
         wait_for(lambda: mep.output().count("broker re-executed in place") >= 2 or mep.proc.poll() is not None,

@@ -3,7 +3,7 @@ the helper from the rig's root-owned copy, exactly as mep-privhelper runs, and f
 fresh helper for every connection it is handed. Forking instead of exec'ing brings a
 case from ~40 ms to a few.
 
-    forkserver.py CODE_DIR POLICY FD     FD: the control socket
+    forkserver.py CODE_DIR POLICY FD     FD: the control socket (tests/rigs/helper.py ForkServer)
 
 Protocol on the control socket (a SOCK_SEQPACKET pair): the test sends one byte with the
 helper's end of a fresh socketpair (SCM_RIGHTS); the server answers with the child's

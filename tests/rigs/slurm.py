@@ -1,4 +1,5 @@
-"""A real single-node Slurm cluster for the batch tests, from Debian's packages.
+"""The scheduler's layer of the test rig: a real single-node Slurm cluster for the batch
+tests, from Debian's packages.
 
 munged (as the munge user), slurmctld and slurmd run in the foreground as this process's
 children, each known by its pid, with every file (config, munge key and socket, state,
@@ -22,10 +23,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from tests import rig
+from tests.rigs.procs import port_free, wait_for
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 PORTS = (6817, 6818)
@@ -68,7 +68,7 @@ PartitionName={partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def available() -> str | None:
+def why_not_available() -> str | None:
     """None when this machine can run the cluster; otherwise why not."""
     if os.geteuid() != 0:
         return "the Slurm cluster needs root"
@@ -100,7 +100,7 @@ class Cluster:
     # -- bring up, take down -------------------------------------------------------------
 
     def start(self) -> "Cluster":
-        taken = [p for p in PORTS if not rig.port_free(p)]
+        taken = [p for p in PORTS if not port_free(p)]
         if taken:
             raise RuntimeError(f"Slurm's ports {taken} are taken: another Slurm cluster runs on this machine; "
                                "one cluster per machine")
@@ -139,15 +139,14 @@ class Cluster:
         log.close()
 
     def _wait(self, predicate, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{dead} ended while waiting for {what}:\n{self.logs()}")
-            if predicate():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
+        def dead():
+            return [n for n, p in self.procs.items() if p.poll() is not None]
+        try:
+            wait_for(lambda: dead() or predicate(), timeout, 0.1, what)
+        except AssertionError:
+            raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}") from None
+        if dead():
+            raise RuntimeError(f"{dead()} ended while waiting for {what}:\n{self.logs()}")
 
     def stop(self) -> None:
         """Cancel every job left, then end the daemons (by pid) and remove the directory."""
@@ -172,9 +171,10 @@ class Cluster:
         ids = [j["id"] for j in self.jobs()]
         if ids:
             self.run("scancel", *ids, check=False)
-        deadline = time.monotonic() + timeout
-        while self.jobs() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        try:
+            wait_for(lambda: not self.jobs(), timeout, 0.2, what="the cancelled jobs to leave the queue")
+        except AssertionError:
+            pass  # not a failure here: a test that cares looks at the queue itself
 
     # -- looking at it -------------------------------------------------------------------
 

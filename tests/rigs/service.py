@@ -1,6 +1,7 @@
-"""End to end with no Globus cloud: the local compute service (localservice/, on the real
-RabbitMQ), a MEP that registers with it through globus-sdk, the real
-globus-compute-endpoint as the UEP, and the real SDK Executor as the user."""
+"""The service's layer of the test rig, end to end with no Globus cloud: the local compute
+service (localservice/, on the real RabbitMQ), a MEP that registers with it through
+globus-sdk, the real globus-compute-endpoint as the UEP, and the real SDK Executor as the
+user."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests import mep_rig, rig
+from tests.rigs.helper import RigDir
+from tests.rigs.mep import VENV_PYTHON, LiveMEP, identity
+from tests.rigs.procs import port_free, reap, wait_for
 
 UEP_PROGRAM = "/opt/mep/uep-venv/bin/mep-uep-start"  # scripts/setup.sh installs it (scripts/uep-start.sh)
 SERVICE = "import sys; sys.path.insert(0, {lib!r}); from localservice.__main__ import main; sys.exit(main())"
@@ -37,30 +40,30 @@ PORT = 5000  # where the SDK's Client(local_compute_services=True) looks: http:/
 
 class LocalService:
     """The local compute service as a process; `token(user)` gives a bearer token whose
-    identity set is that user's (mep_rig.identity)."""
+    identity set is that user's (tests/rigs/mep.py identity)."""
 
-    def __init__(self, rigdir: rig.RigDir, users=("mept-alice@example.org", "mept-bob@example.org",
+    def __init__(self, rigdir: RigDir, users=("mept-alice@example.org", "mept-bob@example.org",
                                                   "eve@elsewhere.org", "admin@example.org"),
                  token_lifetime: float | None = None):
         self.dir = rigdir.path / f"service-{secrets.token_hex(3)}"
         self.dir.mkdir()
         self.tokens = {user: secrets.token_hex(16) for user in users}
-        self.identities = {user: mep_rig.identity(user) for user in users}
+        self.identities = {user: identity(user) for user in users}
         self.identities_path = self.dir / "identities.json"
         self.clients: dict[str, str] = {}  # Globus Auth confidential clients: id -> secret
         self.write_identities()
-        assert rig.port_free(PORT), f"port {PORT} is taken (a demo's local service still running?); stop it first"
+        assert port_free(PORT), f"port {PORT} is taken (a demo's local service still running?); stop it first"
         self.port = PORT
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.dir / "service.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([mep_rig.VENV_PYTHON, "-I", "-c", SERVICE.format(lib=str(rigdir.lib)),
+        self.proc = subprocess.Popen([VENV_PYTHON, "-I", "-c", SERVICE.format(lib=str(rigdir.lib)),
                                       "--identities", str(self.identities_path), "--state", str(self.dir / "state.json"),
                                       "--port", str(self.port), "--purge-on-exit",
                                       *(["--token-lifetime", str(token_lifetime)] if token_lifetime else [])],
                                      stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        mep_rig.wait_for(lambda: "local compute service on" in self.output() or self.proc.poll() is not None,
+        wait_for(lambda: "local compute service on" in self.output() or self.proc.poll() is not None,
                          what="the local service")
         assert self.proc.poll() is None, self.output()
 
@@ -106,11 +109,11 @@ class LocalService:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            rig.reap(self.proc, 10)
+            reap(self.proc, 10)
         self.log.close()
 
 
-def live_mep(rigdir, service: LocalService, auth: str = "token", **kw) -> mep_rig.LiveMEP:
+def live_mep(rigdir, service: LocalService, auth: str = "token", **kw) -> LiveMEP:
     """A LiveMEP that registers with `service` and runs the real UEP. `auth`: "token" (a
     static bearer token file), "client" (a new confidential client of the service's Auth,
     its credentials in client_credentials_file; `mep.client_id`), "login" (no credential:
@@ -126,7 +129,7 @@ def live_mep(rigdir, service: LocalService, auth: str = "token", **kw) -> mep_ri
         config["auth_service_url"] = service.url  # the variable a user sets for a non-production Auth
     config.update(kw.pop("config", {}))
     policy = {"uep_argv": [UEP_PROGRAM, "_start-user-endpoint", "{name}"], **kw.pop("policy", {})}
-    mep = mep_rig.LiveMEP(rigdir, config=config, policy=policy, template=kw.pop("template", UEP_TEMPLATE),
+    mep = LiveMEP(rigdir, config=config, policy=policy, template=kw.pop("template", UEP_TEMPLATE),
                           schema=kw.pop("schema", UEP_SCHEMA), environment=kw.pop("environment", {}),
                           registration=False, **kw)
     mep.client_id = client_id
@@ -139,7 +142,7 @@ def run_sdk(service: LocalService, user: str, script: str, timeout: float = 120)
     """Run `script` with the real SDK as `user`; it must print one JSON line last."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(service.dir), "GC_SERVICE": service.url,
            "GC_TOKEN": service.tokens[user], "PYTHONPATH": ""}
-    out = subprocess.run([mep_rig.VENV_PYTHON, "-c", SDK_PRELUDE + script], capture_output=True, text=True,
+    out = subprocess.run([VENV_PYTHON, "-c", SDK_PRELUDE + script], capture_output=True, text=True,
                          timeout=timeout, env=env)
     assert out.returncode == 0, f"SDK script failed:\n{out.stdout}\n{out.stderr}"
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -154,7 +157,7 @@ client = Client(local_compute_services=True, authorizer=globus_sdk.AccessTokenAu
 
 
 def wait_for_uep(mep, count: int, timeout: float = 60) -> list:
-    return mep_rig.wait_for(lambda: len(p := uep_pids(mep)) >= count and p, timeout, what=f"{count} UEP(s)")
+    return wait_for(lambda: len(p := uep_pids(mep)) >= count and p, timeout, what=f"{count} UEP(s)")
 
 
 def uep_pids(mep) -> list:
@@ -163,10 +166,6 @@ def uep_pids(mep) -> list:
         if "user endpoint started" in line:
             pids.append(int(line.split(" pid=")[1].split()[0]))
     return pids
-
-
-def gone(pids, timeout=10.0) -> bool:
-    return rig.wait_gone(pids, timeout) == []
 
 
 def registered_id(mep) -> str:

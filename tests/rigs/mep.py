@@ -1,5 +1,6 @@
-"""A live MEP for tests: the real helper (--launch, root) starting the real broker as
-mept-broker, consuming a real RabbitMQ queue, with the probe as the UEP program.
+"""The MEP's layer of the test rig: a live MEP, the real helper (--launch, root) starting
+the real broker as mept-broker, consuming a real RabbitMQ queue, with the probe as the
+UEP program.
 
 Commands are published in upstream's format; failure notices are read back from the
 heartbeat queue named in the command's amqp_creds, exactly where the service would read
@@ -15,6 +16,7 @@ import os
 import pty
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import aio_pika
 
-from tests import rig
-from tests.rig import wait_for  # noqa: F401 - the one wait (tests/rig.py); test files import it from here too
+from tests.rigs.helper import RigDir
+from tests.rigs.procs import reap, run, wait_for
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 VENV_PYTHON = "/opt/mep/venv/bin/python3"  # has the broker's dependencies (scripts/setup.sh)
@@ -93,6 +95,8 @@ async def _publish(queue: str, body: bytes, content_type="application/json", tim
 
 
 async def _get(queue: str, timeout: float) -> bytes | None:
+    """The next message of `queue` within `timeout` s, polled on one connection (not
+    procs.wait_for, which would open one per poll)."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         channel = await connection.channel()
@@ -134,7 +138,7 @@ def _copy_pty(master: int, path: Path) -> None:
 
 
 class LiveMEP:
-    def __init__(self, rigdir: rig.RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
+    def __init__(self, rigdir: RigDir, *, config: dict | None = None, idmap=None, template: str = TEMPLATE,
                  schema=SCHEMA, environment: dict | None = None, policy: dict | None = None, tty: bool = False,
                  registration: bool = True, durable: bool = False, amqp_url: str = AMQP_URL, wait: bool = True):
         self.rigdir, self.accounts = rigdir, rigdir.accounts
@@ -211,7 +215,7 @@ class LiveMEP:
 
     def launch(self, out) -> subprocess.Popen:
         """Start the MEP writing to `out`; the process returned is the one whose end ends the MEP."""
-        return subprocess.Popen(rig.helper_cmd(self.policy, "--launch"), stdin=subprocess.DEVNULL, stdout=out,
+        return subprocess.Popen(self.rigdir.helper_cmd(self.policy, "--launch"), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
 
     def write(self, name: str, text: str, mode=0o644) -> Path:
@@ -233,7 +237,7 @@ class LiveMEP:
                               capture_output=True, text=True, timeout=timeout)
 
     def broker_pid(self) -> int:
-        out = rig.run("pgrep", "-P", str(self.proc.pid), "-u", self.accounts.broker.pw_name, check=False).stdout.split()
+        out = run("pgrep", "-P", str(self.proc.pid), "-u", self.accounts.broker.pw_name, check=False).stdout.split()
         assert len(out) == 1, f"expected one broker child of the helper, found {out}"
         return int(out[0])
 
@@ -294,7 +298,7 @@ class LiveMEP:
                 os.kill(self.broker_pid(), sig)
             except AssertionError:
                 self.proc.terminate()
-            rig.reap(self.proc, 30)
+            reap(self.proc, 30)
         self.helper_log.close()
         try:
             asyncio.run(_delete(*self.queues))
@@ -304,3 +308,32 @@ class LiveMEP:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Terminal:
+    """A LiveMEP relaunched on a pty that is its controlling terminal: the helper is the
+    session leader and the foreground process group, as under an administrator's shell."""
+
+    def __init__(self, mep: LiveMEP):
+        self.master, slave = pty.openpty()
+        os.kill(mep.broker_pid(), signal.SIGTERM)  # the rig's own launch (not on a terminal) makes way
+        reap(mep.proc, 30)
+        mep.proc = subprocess.Popen(mep.rigdir.helper_cmd(mep.policy, "--launch"), stdin=slave, stdout=slave, stderr=slave,
+                                    preexec_fn=lambda: os.login_tty(slave), close_fds=True)
+        os.close(slave)
+        self.out = b""
+        wait_for(lambda: self.read().count(b"consuming start commands") > 0 or mep.proc.poll() is not None,
+                 timeout=20, what="the broker on the terminal")
+        assert mep.proc.poll() is None, self.out.decode("utf-8", "replace")
+
+    def read(self) -> bytes:
+        os.set_blocking(self.master, False)
+        try:
+            while chunk := os.read(self.master, 65536):
+                self.out += chunk
+        except (BlockingIOError, OSError):
+            pass
+        return self.out
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
