@@ -1,12 +1,10 @@
 """What the spawned UEP sees from the inside (SECURITY-REVIEW 10-13), read from the
 probe's own /proc/self/status, /proc/self/fd and getres*id."""
 
-import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
 
 import pytest
 
@@ -145,23 +143,6 @@ def test_the_administrator_may_allow_denied_variables_by_name(helpers, accounts,
     assert helper.wait() == 78 and "env_allow may not name HOME" in helper.output()
 
 
-@contextlib.contextmanager
-def kernel_pretends(pid: int, syscall: str):
-    """strace -f on the helper and every process it forks from now on: each `syscall` returns
-    0 without running (strace's fault injection, on the real kernel). The drop's own checks,
-    not its calls, must then refuse the spawn."""
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(pid), "-e", f"trace={syscall}",
-                               "-e", f"inject={syscall}:retval=0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        rig.wait_for(lambda: rig.proc_status_field(pid, "TracerPid") == str(tracer.pid) or tracer.poll() is not None,
-                     what="strace to attach")
-        assert tracer.poll() is None, tracer.stderr.read()
-        yield
-    finally:
-        tracer.terminate()
-        tracer.wait(10)
-
-
 @pytest.mark.parametrize("syscall,words", [
     ("setresuid", r"ids after the drop are \(0, 0, 0\)"),
     ("setresgid", r"ids after the drop are \(\d+, \d+, \d+\)/\(0, 0, 0\)"),
@@ -174,11 +155,11 @@ def test_a_drop_the_kernel_did_not_make_is_refused_before_exec(helpers, accounts
     success for one step without making it; the spawn is refused as setup-failed with what
     the check saw, no UEP runs, and the helper serves on."""
     helper, client = helpers()
-    with kernel_pretends(helper.proc.pid, syscall):
+    with procs.strace_holding(helper.proc.pid, syscall, "retval=0", follow=True):  # it reports success, does nothing
         reply = client.spawn(accounts.alice)
     assert (reply.type, reply.code) == ("refused", "setup-failed"), reply
     assert re.search(words, reply.reason), reply.reason
-    assert rig.processes_of(accounts.alice.pw_name) == []
+    assert procs.processes_of(accounts.alice.pw_name) == []
     reply, seen = spawn_and_report(client, accounts.alice, name="after")  # untraced: the drop is whole again
     assert seen["resuid"] == [accounts.alice.pw_uid] * 3 and seen["setuid0"].startswith("failed")
     assert client.wait_exited(reply.pid).status == 0

@@ -96,10 +96,13 @@ def wait_for_child(parent: int, timeout=10.0, running: str | None = None) -> int
 
 
 @contextlib.contextmanager
-def strace_holding(pid: int, syscall: str, inject: str):
+def strace_holding(pid: int, syscall: str, inject: str, follow: bool = False):
     """strace attached to `pid`, holding it in `syscall` as `inject` says (strace's
-    `-e inject=SYSCALL:INJECT`, e.g. "delay_exit=2000000"); entered once it is attached."""
-    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-e", f"trace={syscall}",
+    `-e inject=SYSCALL:INJECT`, e.g. "delay_exit=2000000", or "retval=0": the call returns 0
+    without running); with `follow`, also every process it forks from then on (strace -f).
+    Entered once it is attached."""
+    tracer = subprocess.Popen(["strace", *(["-f"] if follow else []), "-qq", "-o", "/dev/null", "-p", str(pid),
+                               "-e", f"trace={syscall}",
                                "-e", f"inject={syscall}:{inject}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
