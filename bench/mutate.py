@@ -403,10 +403,14 @@ def main(argv=None) -> int:
     runner = Runner(tree, ISOLATED_DESELECT if args.isolate else ())
     status, by, baseline, failing = {}, {}, {}, {}
     if args.resume and args.report and Path(args.report).exists():
-        for r in json.loads(Path(args.report).read_text())["results"]:
-            if r["status"] != "untested":
-                status[r["id"]], by[r["id"]] = r["status"], r.get("tier") or r["by"]
-                failing[r["id"]] = r.get("failed", "")
+        # matched by what the mutant is, not by its id: an edit elsewhere in a module renumbers
+        # the ids, and a mutant whose code changed is a new one, run again
+        ids = dict(zip(identities((m.module, m.what, m.old, m.new) for m in mutants), (m.id for m in mutants)))
+        old = json.loads(Path(args.report).read_text())["results"]
+        for key, r in zip(identities((r["id"].rsplit(":", 1)[0], r["what"], r["old"], r["new"]) for r in old), old):
+            if r["status"] != "untested" and key in ids:
+                status[ids[key]], by[ids[key]] = r["status"], r.get("tier") or r["by"]
+                failing[ids[key]] = r.get("failed", "")
     print(f"scratch copy: {tree}; {len(mutants)} mutants, {sum(m.id in status for m in mutants)} done before", flush=True)
 
     def report() -> list:
@@ -458,6 +462,16 @@ def main(argv=None) -> int:
         if r["status"] != "killed":
             print(f"  {r['status'].upper()} {r['id']} line {r['line']}: {r['what']}: {r['old'][:80]!r} -> {r['new'][:80]!r}")
     return 0
+
+
+def identities(keys) -> list:
+    """Each key with its occurrence number, so that two identical edits in one module stay two."""
+    seen = {}
+    out = []
+    for key in keys:
+        seen[key] = seen.get(key, 0) + 1
+        out.append((*key, seen[key]))
+    return out
 
 
 def summary(results) -> str:
