@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from protocol.messages import Ping, Signal
+from tests.rigs import procs
 from tests.rigs.procs import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("no_strays")]
@@ -136,3 +137,25 @@ def test_a_signal_for_a_pid_the_helper_did_not_start_is_refused_while_uep_run(he
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_broker_that_stops_reading_is_cut_off_after_io_timeout(helpers, accounts):
+    """SECURITY.md's fatal list: a broker that does not read for io_timeout_seconds is stuck
+    or gone. It sends pings and never reads the pongs; once they fill the socket, the helper's
+    send waits io_timeout (1 s here) and the helper ends (exit 2) with its UEP stopped. It
+    must never block for ever: then the UEP would outlive any stop, and so would the root process."""
+    helper, client = helpers(io_timeout_seconds=1)
+    reply = client.spawn(accounts.alice, stdin=SLEEP)
+    assert reply.type == "spawned", reply
+    client.sock.settimeout(60)
+    try:
+        for _ in range(200_000):  # about 3,000 fill the buffers of both ends
+            client.request(Ping(client.req_id()))
+        pytest.fail("200,000 pings were read without a pong being read")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the helper gave up and closed the connection
+    except TimeoutError:
+        pytest.fail(f"the helper blocked in its send for 60 s instead of io_timeout:\n{helper.output()}")
+    assert helper.wait(30) == 2
+    assert "TimeoutError" in helper.output()
+    assert procs.wait_gone([reply.pid]) == []
