@@ -14,11 +14,13 @@ import secrets
 import subprocess
 import sys
 import time
+import uuid
 
 from bench import fixture
 from bench.mep import MEP, identity
 
 UEP_PROGRAM = "/opt/mep/uep-venv/bin/mep-uep-start"
+SERVICE_URL = "http://127.0.0.1:5000"
 TEMPLATE = """engine:
   type: ThreadPoolEngine
   max_workers: 4
@@ -56,36 +58,56 @@ print(json.dumps(out))
 """
 
 
+class Service:
+    """The local compute service on port 5000, in DIR (a directory of its own), with a
+    static bearer token for each of `users` (as USER@bench.example) and for the MEP's
+    administrator, and, for each of `clients`, a Globus Auth confidential client
+    (client_credentials[name] = (id, secret)); `admin_token` is a file the broker account
+    reads."""
+
+    def __init__(self, fx: fixture.Fixture, d, users, clients=()):
+        self.dir = d
+        self.dir.mkdir(mode=0o755)
+        self.tokens = {u: secrets.token_hex(16) for u in (*users, "admin")}
+        self.client_credentials = {c: (str(uuid.uuid4()), secrets.token_urlsafe(24)) for c in clients}
+        (d / "identities.json").write_text(json.dumps({
+            "tokens": {t: [identity(f"{u}@bench.example")] for u, t in self.tokens.items()},
+            "clients": {i: {"secret": s} for i, s in self.client_credentials.values()}}))
+        self.log = open(d / "service.log", "w")
+        self.proc = subprocess.Popen([f"{sys.prefix}/bin/python3", "-I", "-m", "localservice", "--identities",
+                                      str(d / "identities.json"), "--purge-on-exit"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.admin_token = d / "token"
+        self.admin_token.write_text(self.tokens["admin"])
+        os.chown(self.admin_token, 0, fx.broker.pw_gid)
+        os.chmod(self.admin_token, 0o640)
+        deadline = time.monotonic() + 30
+        while "local compute service on" not in (d / "service.log").read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the local service did not start:\n{(d / 'service.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
 def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> dict:
     user = f"{fixture.PREFIX}e2e"
     fixture.run("useradd", "--create-home", "--shell", "/bin/bash", user)
     python = f"{sys.prefix}/bin/python3"
     d = fx.dir / "e2e"
-    d.mkdir(mode=0o755)
-    tokens = {"user": secrets.token_hex(16), "admin": secrets.token_hex(16)}
-    (d / "identities.json").write_text(json.dumps({"tokens": {
-        tokens["user"]: [identity(f"{user}@bench.example")], tokens["admin"]: [identity("admin@bench.example")]}}))
-    service_log = open(d / "service.log", "w")
-    service = subprocess.Popen([python, "-I", "-m", "localservice", "--identities", str(d / "identities.json"),
-                                "--purge-on-exit"],
-                               stdout=service_log, stderr=subprocess.STDOUT)
-    token = d / "token"
-    token.write_text(tokens["admin"])
-    os.chown(token, 0, fx.broker.pw_gid)
-    os.chmod(token, 0o640)
+    service = Service(fx, d, [user])
     mep = None
     try:
-        deadline = time.monotonic() + 30
-        while "local compute service on" not in (d / "service.log").read_text():
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the local service did not start:\n{(d / 'service.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        mep = MEP(fx, config={"compute_service_url": "http://127.0.0.1:5000", "compute_service_token_file": str(token),
+        mep = MEP(fx, config={"compute_service_url": SERVICE_URL, "compute_service_token_file": str(service.admin_token),
                               "mu_child_ep_grace_period_s": 5},
                   template=TEMPLATE, schema={}, uep_argv=[UEP_PROGRAM, "_start-user-endpoint"], registration=False)
         endpoint_id = mep.endpoint_id
         say(f"end to end: {cold} cold and {warm} warm submissions, then {rate} tasks through one UEP")
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(d), "GC_TOKEN": tokens["user"]}
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(d), "GC_TOKEN": service.tokens[user]}
         out = subprocess.run([python, "-c", SDK_SCRIPT, endpoint_id, str(cold), str(warm), str(rate)],
                              capture_output=True, text=True, env=env, timeout=600)
         if out.returncode:
@@ -100,8 +122,6 @@ def measure(fx: fixture.Fixture, cold: int, warm: int, rate: int, say=print) -> 
     finally:
         if mep is not None:
             mep.stop()
-        service.terminate()
-        service.wait(30)
-        service_log.close()
+        service.stop()
         subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
         subprocess.run(["userdel", "--force", "--remove", user], capture_output=True)

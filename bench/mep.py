@@ -58,10 +58,10 @@ class MEP:
     """A running MEP in its own directory under the fixture's. With `registration` (the
     default) it consumes a queue of its own named in registration.json; without, `config`
     must name a service to register with. `uep_argv` replaces the probe as the UEP program
-    (the helper adds the UEP name)."""
+    (the helper adds the UEP name); `environment` adds to the UEPs' user_environment.yaml."""
 
     def __init__(self, fx: fixture.Fixture, *, config=None, template=TEMPLATE, schema=SCHEMA, uep_argv=None,
-                 registration=True):
+                 registration=True, environment=None):
         self.fx, self.tag = fx, secrets.token_hex(3)
         self.dir = fx.dir / f"mep-{self.tag}"
         self.dir.mkdir(mode=0o755)
@@ -75,7 +75,7 @@ class MEP:
                                        "mu_child_ep_grace_period_s": 2, **(config or {})}),
             "idmap.json": json.dumps(IDMAP), "user_config_template.yaml.j2": template,
             "user_config_schema.json": json.dumps(schema),
-            "user_environment.yaml": json.dumps({"MEPB_REPORT_DIR": str(self.reports)}),
+            "user_environment.yaml": json.dumps({"MEPB_REPORT_DIR": str(self.reports), **(environment or {})}),
         }
         if registration:
             files["registration.json"] = json.dumps({"endpoint_id": str(uuid.uuid4()), "command_queue_info": {
@@ -134,31 +134,10 @@ class MEP:
         return int(out[0])
 
     async def offer(self, users: list, count: int, rate: float, prefix: str) -> dict:
-        """Publish `count` start commands at `rate` per second; name -> publish time (ns)."""
-        sent = {}
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            channel = await connection.channel()
-            start = time.monotonic()
-            for i in range(count):
-                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-                name = f"{prefix}{i:05d}"
-                body = command(users[i % len(users)], name, self.heartbeat)
-                sent[name] = time.monotonic_ns()
-                await channel.default_exchange.publish(
-                    aio_pika.Message(body, content_type="application/json",
-                                     timestamp=datetime.datetime.now(datetime.timezone.utc)), routing_key=self.queue)
-        return sent
+        return await offer(self.queue, self.heartbeat, users, count, rate, prefix)
 
     def wait_reports(self, names, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = {n: self.reports / n for n in names}
-            if all(p.exists() and p.stat().st_size for p in found.values()):
-                return {n: int(p.read_text()) for n, p in found.items()}
-            time.sleep(0.05)
-        missing = [n for n in names if not (self.reports / n).exists()]
-        raise RuntimeError(f"{len(missing)} UEPs never started; see {self.dir}/endpoint.log")
+        return wait_reports(self.reports, names, timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -167,6 +146,37 @@ class MEP:
         self.log.close()
         if self.registration:
             asyncio.run(self._queues("delete"))
+
+
+async def offer(queue: str, heartbeat: str, users: list, count: int, rate: float, prefix: str) -> dict:
+    """Publish `count` start commands to `queue` at `rate` per second over `users`, named
+    PREFIX00000..; name -> publish time (ns)."""
+    sent = {}
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        start = time.monotonic()
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            name = f"{prefix}{i:05d}"
+            body = command(users[i % len(users)], name, heartbeat)
+            sent[name] = time.monotonic_ns()
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, content_type="application/json",
+                                 timestamp=datetime.datetime.now(datetime.timezone.utc)), routing_key=queue)
+    return sent
+
+
+def wait_reports(reports, names, timeout: float = 60) -> dict:
+    """name -> the probe's exec time (ns) for every name, once all have reported."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {n: reports / n for n in names}
+        if all(p.exists() and p.stat().st_size for p in found.values()):
+            return {n: int(p.read_text()) for n, p in found.items()}
+        time.sleep(0.05)
+    missing = [n for n in names if not (reports / n).exists()]
+    raise RuntimeError(f"{len(missing)} UEPs never started; see the MEP's log beside {reports}")
 
 
 def measure(fx: fixture.Fixture, count: int, rate: float, live: int, say=print) -> dict:

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 def test_quick_benchmark_produces_every_figure(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     latency = results["spawn"]["latency"]
@@ -34,6 +34,14 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
     many = results["many_ueps"]  # the real MEP with 10 live UEPs: listed, kept by a SIGHUP, ended by a stop
     assert many["list_complete"] and many["status_complete"] and many["after_hup"]["same_session_processes"]
     assert many["after_hup"]["listed"] == 10 and many["probes_left_after_stop"] == 0
+    side = results["compare"]  # ours beside upstream's MEP, tiny: a warm-up, a cold start, a burst of 2, 4 probes
+    assert side["hangs"]["ours"]["starts"] == side["hangs"]["upstream"]["starts"] == 8, side["hangs"]
+    assert side["memory"]["4 probe UEPs"]["upstream"]["root_kib"] > 0 == side["memory"]["idle"]["upstream"]["broker_kib"]
+    ours_side = side["hangs"]["ours"]  # upstream's own hangs (it had some) are reported, never asserted
+    assert ours_side["no_result"] == ours_side["no_exec"] == ours_side["orphans"] == 0, ours_side
+    assert side["cold"]["ours"][0]["all_results_s"] > 0 and side["memory"]["idle"]["ours"]["broker_kib"] > 0
+    assert side["memory"]["4 probe UEPs"]["ours"]["uep_processes"] >= 4
+    assert all(r["ours"] is not None for r in side["summary"].values()), side["summary"]
     ours, upstream = results["surface"]["ours"], results["surface"]["upstream"]
     assert ours["third-party"]["modules"] == 0 and upstream["total"]["modules"] > ours["total"]["modules"]
     assert all(p.endswith(".png") and (tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 0 for p in results["plots"])
