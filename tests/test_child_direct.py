@@ -1,6 +1,6 @@
-"""privhelper.child's fork, drop and exec, called directly (no helper, no test users): the
-child becomes Debian's `daemon` (uid 1) or `nobody`, execs the system python, and reports
-what the kernel says about it. The same checks through the real helper, with real test
+"""privhelper.child's fork, drop and exec (and launch mode's start_broker, which uses them),
+called directly (no helper, no test users): the child becomes Debian's `daemon` (uid 1) or
+`nobody`, execs the system python, and reports what the kernel says about it. The same checks through the real helper, with real test
 accounts and PAM: tests/test_child.py. Root (it drops privileges), but no lock: it makes no users."""
 
 import json
