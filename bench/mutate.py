@@ -51,17 +51,19 @@ _LAUNCH_SIGNALS = [_SEED + "test_a_second_stop_signal_to_the_root_pid_is_the_adm
                    _SEED + "test_sighup_to_either_pid_hot_restarts_and_keeps_every_uep",
                    _SEED + "test_the_seeds_ps_recipe_shows_the_mep_its_two_halves_and_every_uep"]
 _FAST_PROTOCOL = ["tests/test_protocol_edges.py", "tests/test_protocol.py"]
+_UEP_FDS = "tests/test_child.py::test_only_expected_fds_are_open"  # CHANNEL_FDS: the fd numbers the UEP finds its channels at
+_BROKER_ENV = "tests/test_child_direct.py::test_launch_mode_gives_the_broker_exactly_the_documented_environment"
 TESTS = {
-    "protocol/": (_FAST_PROTOCOL, ["tests/test_channel.py"]),
+    "protocol/": (_FAST_PROTOCOL, ["tests/test_channel.py", _UEP_FDS]),
     "privhelper/authorize.py": (["tests/test_authorize.py"], ["tests/test_who.py"]),
-    "privhelper/policy.py": (["tests/test_policy_load.py", "tests/test_authorize.py"], ["tests/test_policy.py", "tests/test_who.py"]),
+    "privhelper/policy.py": (["tests/test_policy_load.py", "tests/test_authorize.py", _BROKER_ENV], ["tests/test_policy.py", "tests/test_who.py"]),
     "privhelper/child.py": (["tests/test_child_direct.py", "tests/test_authorize.py"], ["tests/test_child.py", "tests/test_lifetime.py"]),
     # (in each tier the quickest tests come first: with -x a killed mutant stops at its first failure)
     "privhelper/monitor.py": (["tests/test_monitor_edges.py"], ["tests/test_helper_edges.py", "tests/test_channel.py", "tests/test_child.py",
                                    "tests/test_lifetime.py", "tests/test_pam.py", "tests/test_policy.py", "tests/test_who.py",
                                    *_LAUNCH_SIGNALS, _RACE]),
     "privhelper/pam.py": ([], ["tests/test_pam.py"]),
-    "privhelper/launch.py": ([], ["tests/test_lifetime.py", *_LAUNCH_SIGNALS]),
+    "privhelper/launch.py": ([_BROKER_ENV], ["tests/test_lifetime.py", *_LAUNCH_SIGNALS]),
     "privhelper/__main__.py": ([], ["tests/test_policy.py"]),
     "privhelper/activation.py": ([], ["tests/test_channel.py"]),
     "privhelper/linux.py": (["tests/test_child_direct.py", "tests/test_monitor_edges.py"], ["tests/test_child.py"]),

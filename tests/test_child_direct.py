@@ -1,6 +1,6 @@
-"""privhelper.child's fork, drop and exec, called directly (no helper, no test users): the
-child becomes Debian's `daemon` (uid 1) or `nobody`, execs the system python, and reports
-what the kernel says about it. The same checks through the real helper, with real test
+"""privhelper.child's fork, drop and exec (and launch mode's start_broker, which uses them),
+called directly (no helper, no test users): the child becomes Debian's `daemon` (uid 1) or
+`nobody`, execs the system python, and reports what the kernel says about it. The same checks through the real helper, with real test
 accounts and PAM: tests/test_child.py. Root (it drops privileges), but no lock: it makes no users."""
 
 import json
@@ -132,3 +132,38 @@ def test_prctl_errors_carry_errno():
     assert info.value.errno == 22 and "prctl(987654, 0): Invalid argument" in str(info.value)
     assert linux.prctl(linux.PR_GET_NO_NEW_PRIVS) in (0, 1)
     assert linux.proc_status()["Uid"].split() == ["0", "0", "0", "0"]
+
+
+# what launch mode passes from the helper's environment to the broker (docs/policy.md), written out
+# here so that a change to privhelper/policy.py BROKER_ENV shows
+BROKER_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy", "TERM", "REQUESTS_CA_BUNDLE",
+              "SSL_CERT_FILE", "SSL_CERT_DIR", "GLOBUS_COMPUTE_CLIENT_ID", "GLOBUS_COMPUTE_CLIENT_SECRET")
+
+
+def test_launch_mode_gives_the_broker_exactly_the_documented_environment(monkeypatch):
+    """`mepctl start`: of the helper's environment only BROKER_ENV and GLOBUS_SDK_* reach the broker,
+    which runs as its account (here Debian's `daemon`) with the socket's end as fd 3."""
+    from privhelper import launch
+    from privhelper.policy import Policy
+    for name in BROKER_ENV:
+        monkeypatch.setenv(name, f"v-{name}")
+    for name in ("GLOBUS_SDK_ENVIRONMENT", "GLOBUS_SDK", "HTTPS_PROXY_X", "XTERM", "MEP_ROOT_ONLY"):
+        monkeypatch.setenv(name, "x")
+    policy = Policy(path="/etc/mep/policy.toml", broker_user="daemon", broker_uid=1, key_file="/etc/mep/key",
+                    uep_argv=("/usr/bin/true", "{name}"), broker_argv=(
+                        "/usr/bin/python3", "-I", "-c", "import json, os; os.write(3, json.dumps(dict(os.environ)).encode())"))
+    ours, pid = launch.start_broker(policy)
+    with ours, ours.makefile("rb") as f:
+        env = json.loads(f.read())
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert env == {"HOME": DAEMON.pw_dir, "USER": "daemon", "LOGNAME": "daemon", "SHELL": DAEMON.pw_shell, "PATH": policy.path_env,
+                   "LANG": policy.lang, "MEP_HELPER_FD": "3", "GLOBUS_SDK_ENVIRONMENT": "x", **{n: f"v-{n}" for n in BROKER_ENV}}
+
+
+def test_the_documented_broker_environment():
+    import re
+    from pathlib import Path
+    from privhelper.policy import BROKER_ENV as CODE
+    documented = Path(__file__).resolve().parent.parent.joinpath("docs", "policy.md").read_text()
+    table = documented.split("these (privhelper/policy.py `BROKER_ENV`", 1)[1].split("\n\n", 2)[1]
+    assert sorted(re.findall(r"`([A-Za-z_]+)`", table)) == sorted(CODE) == sorted(BROKER_ENV)

@@ -52,7 +52,8 @@ def test_a_minimal_policy_and_its_defaults(d):
     assert (p.min_uid, p.max_uid, p.max_children, p.max_children_per_user) == (1000, 2**31 - 1, 256, 4)
     assert (p.stop_grace_seconds, p.io_timeout_seconds, p.max_frame) == (3, 10, 2**20)
     assert (p.path_env, p.lang, p.env_deny) == ("/usr/local/bin:/usr/bin:/bin", "C.UTF-8", DEFAULT_ENV_DENY)
-    assert p.pam == Pam(False, "globus-compute-endpoint", False)
+    assert p.pam == Pam(False, "globus-compute-endpoint", False) and p.pam.keep_bounding_set is True
+    assert p.env_allow == frozenset()
     assert p.deny_users == p.deny_groups == p.allow_users == p.allow_groups == frozenset()
     assert read_key(p) == bytes(range(32))
 
@@ -68,6 +69,15 @@ def test_every_key_is_kept(d):
     assert (p.deny_users, p.deny_groups, p.allow_users, p.allow_groups) == ({"a", "b"}, {"g"}, {"u"}, {"h"})
     assert p.env_deny == DEFAULT_ENV_DENY + ("SITE_*",)
     assert p.pam == Pam(True, "svc", True)
+    p = load_policy(write(d, env_allow=["LD_LIBRARY_PATH", "PYTHONPATH"], pam={"enabled": True, "keep_bounding_set": False}))
+    assert p.env_allow == {"LD_LIBRARY_PATH", "PYTHONPATH"} and not p.env_denied("LD_LIBRARY_PATH") and p.env_denied("LD_PRELOAD")
+    assert p.pam == Pam(True, "globus-compute-endpoint", False, False) and p.pam.keep_bounding_set is False
+
+
+@pytest.mark.parametrize("name", ["HOME", "USER", "LOGNAME", "SHELL"])
+def test_env_allow_may_not_name_what_the_passwd_entry_sets(d, name):
+    refused(write(d, env_allow=["LD_LIBRARY_PATH", name]), f"env_allow may not name {name}: the helper sets it from the passwd entry")
+    assert load_policy(write(d, env_allow=[name + "X", "X" + name])).env_allow == {name + "X", "X" + name}
 
 
 @pytest.mark.parametrize("key", ["max_children", "max_children_per_user", "io_timeout_seconds", "stop_grace_seconds"])

@@ -213,6 +213,18 @@ def title_body(**change):
     return {**to_wire(Title("r1", EP, "demo")), **change}
 
 
+def test_a_title_is_a_maced_request():
+    """The broker's title reaches the helper only signed and in sequence, like any request; a
+    message kind that is not a request is refused however well it is signed."""
+    from protocol.messages import Title
+    assert Title.REQUEST is True
+    helper, broker = pair()
+    helper.receive_data(broker.send(Title("r1", EP, "demo")))
+    assert helper.next_event() == Title("r1", EP, "demo") and helper.next_seq == 2
+    helper, _ = pair()
+    refused_by(helper, encode_frame(canonical.dumps(title_body(seq=1, mac="0" * 64))), "request: bad MAC")
+
+
 def test_title_endpoint_id_is_a_lower_case_uuid_in_every_group():
     assert _accepted_field({}, title_body).endpoint_id == EP
     groups = EP.split("-")
@@ -262,6 +274,23 @@ def test_helper_event_edges():
             from_wire(wire(Hello(1, nonce), version=version))
 
 
+def test_challenge_max_frame_and_pam_at_their_edges():
+    """The helper announces its policy's frame cap (1..2^20, as the policy allows) and PAM service
+    (at most 128 characters; empty when PAM is off): the broker refuses a challenge outside them."""
+    from protocol.messages import Challenge
+    nonce = "0123456789abcdef" * 4
+    for max_frame in (1, 2**20):
+        assert from_wire(to_wire(Challenge(1, nonce, max_frame, ""))).max_frame == max_frame
+    for max_frame in (0, 2**20 + 1, True):
+        with pytest.raises(ProtocolError, match="challenge.max_frame"):
+            from_wire(to_wire(Challenge(1, nonce, max_frame, "")))
+    for pam in ("", "p" * 128, "globus-compute-endpoint"):
+        assert from_wire(to_wire(Challenge(1, nonce, 4096, pam))).pam == pam
+    for pam in ("p" * 129, None, "a\x00"):
+        with pytest.raises(ProtocolError, match="challenge.pam"):
+            from_wire(to_wire(Challenge(1, nonce, 4096, pam)))
+
+
 @pytest.mark.parametrize("obj,words", [([], "not an object"), ("spawn", "not an object"), ({}, "unknown message type"),
                                        ({"type": 5}, "unknown message type"), ({"type": ["spawn"]}, "unknown message type"),
                                        ({"type": {"a": 1}}, "unknown message type")])
@@ -272,7 +301,8 @@ def test_from_wire_refuses_shapes(obj, words):
 
 def test_message_kinds():
     from protocol.messages import Challenge, Hello, Pong, Signaled
-    assert {cls.TYPE for cls in (Spawn, Signal, Ping) if cls.REQUEST} == {"spawn", "signal", "ping"}
+    from protocol.messages import Title
+    assert {cls.TYPE for cls in (Spawn, Signal, Ping, Title) if cls.REQUEST} == {"spawn", "signal", "ping", "title"}
     assert not any(cls.REQUEST for cls in (Challenge, Hello, Spawned, Refused, Signaled, Exited, Pong))
     assert Ping("a") != Ping("b") and (Ping("a") != Ping("a")) is False
     with pytest.raises(AttributeError):
@@ -317,6 +347,7 @@ def test_helper_nonce_and_challenge():
     body = json.loads(frame[4:])
     assert body == {"type": "challenge", "version": 1, "nonce": helper.nonce.hex(), "max_frame": 4096, "pam": "login"}
     assert helper.state == "await-hello"
+    assert json.loads(HelperSession(KEY).challenge()[4:])["pam"] == ""  # no service named: PAM is off
     with pytest.raises(ProtocolError, match="challenge is not allowed in state 'await-hello'"):
         helper.challenge()
     assert helper.state == "error"
