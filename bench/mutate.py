@@ -404,11 +404,13 @@ def main(argv=None) -> int:
     lock = GlobalLock(args.hold, f"/tmp/mep-mutation-{args.isolate}lock" if args.isolate else LOCK)
     runner = Runner(tree, ISOLATED_DESELECT if args.isolate else ())
     status, by, baseline, failing = {}, {}, {}, {}
+    others = []  # with --resume: the report's results for modules this run does not mutate, kept in it
     if args.resume and args.report and Path(args.report).exists():
         # matched by what the mutant is, not by its id: an edit elsewhere in a module renumbers
         # the ids, and a mutant whose code changed is a new one, run again
         ids = dict(zip(identities((m.module, m.what, m.old, m.new) for m in mutants), (m.id for m in mutants)))
         old = json.loads(Path(args.report).read_text())["results"]
+        others = [r for r in old if r["id"].rsplit(":", 1)[0] not in modules]
         for key, r in zip(identities((r["id"].rsplit(":", 1)[0], r["what"], r["old"], r["new"]) for r in old), old):
             if r["status"] != "untested" and key in ids:
                 status[ids[key]], by[ids[key]] = r["status"], r.get("tier") or r["by"]
@@ -420,8 +422,9 @@ def main(argv=None) -> int:
                     "status": status.get(m.id, "untested"), "by": by.get(m.id) if status.get(m.id) == "killed" else None,
                     "tier": by.get(m.id), "failed": failing.get(m.id, "")} for m in mutants]
         if args.report:
-            Path(args.report).write_text(json.dumps({"modules": modules, "sample": args.sample, "no_root": args.no_root,
-                                                     "results": results}, indent=1))
+            Path(args.report).write_text(json.dumps({"modules": sorted({*modules, *(r["id"].rsplit(":", 1)[0] for r in others)}),
+                                                     "sample": args.sample, "no_root": args.no_root,
+                                                     "results": others + results}, indent=1))
         return results
     started = time.monotonic()
     try:
