@@ -159,3 +159,33 @@ def test_a_broker_that_stops_reading_is_cut_off_after_io_timeout(helpers, accoun
     assert helper.wait(30) == 2
     assert "TimeoutError" in helper.output()
     assert procs.wait_gone([reply.pid]) == []
+
+
+def test_session_processes_are_in_groups_of_their_own_and_titled_once_the_endpoint_is_named(helpers, accounts):
+    """A session process leaves the helper's process group (a terminal's Ctrl+C is for the
+    helper, which asks the broker to stop: SECURITY.md's signal rules), and `ps` tells it from
+    the helper only once the broker has named the endpoint: before the title request it
+    keeps the helper's command line, after it it says whose session it is."""
+    from protocol.messages import Title
+    helper, client = helpers()
+
+    def session_of(reply) -> int:
+        assert reply.type == "spawned", reply
+        return int(procs.proc_status_field(reply.pid, "PPid"))
+
+    def cmdline(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode()
+
+    before = session_of(client.spawn(accounts.alice, stdin=SLEEP, name="before"))
+    assert os.getpgid(before) == before != os.getpgid(helper.proc.pid)
+    assert cmdline(before) == cmdline(helper.proc.pid)  # untitled: the helper's own argv
+    req = client.req_id()
+    client.request(Title(req, "0123abcd-4567-89ef-0123-456789abcdef", "demo"))
+    assert client.reply(req).type == "pong"
+    title = "Globus Compute Endpoint *(0123abcd-4567-89ef-0123-456789abcdef, demo)"
+    assert cmdline(helper.proc.pid).startswith(f"{title} [root helper]")
+    after = session_of(client.spawn(accounts.bob, stdin=SLEEP, name="after"))
+    assert os.getpgid(after) == after
+    assert cmdline(after).startswith(f"{title} [session of {accounts.bob.pw_name}]")
+    assert cmdline(before) != cmdline(after)
