@@ -84,8 +84,11 @@ def test_runtime_values_at_and_over_the_environment_limit(live, accounts):
         mep.publish(cmd)
         wait_for(lambda: started(mep, cmd), what=f"alice's UEP with a {length}-character version")
         bob.check(f"{length} characters")
-    seen = [r[0]["env"].get("GC_USER_SDK_VERSION", "") for r in mep.reports_now().values()]
-    assert sorted(len(v) for v in seen if v.startswith("9")) == [MAX_ENV_VALUE - 1, MAX_ENV_VALUE]
+
+    def lengths():  # each probe reports a moment after the broker logs its start: wait for both
+        seen = [r[0]["env"].get("GC_USER_SDK_VERSION", "") for r in mep.reports_now().values()]
+        return sorted(len(v) for v in seen if v.startswith("9"))
+    wait_for(lambda: lengths() == [MAX_ENV_VALUE - 1, MAX_ENV_VALUE], what="both probes' reports")
     wait_for(lambda: mep.queue_depth() == 0, what="every command acked")
 
 

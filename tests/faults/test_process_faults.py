@@ -64,7 +64,8 @@ def test_broker_sigkill_with_a_spawn_in_flight(live, accounts, pam):
     wait_for(lambda: started_lines(mep, bob["kwargs"]["name"]) == 1, timeout=20, what="bob's start after relaunch")
     time.sleep(1)  # a second start, if any, would show now
     assert started_lines(mep, bob["kwargs"]["name"]) == 1 and mep.queue_depth() == 0
-    bob_reports = [r for r in mep.reports_now().values() if r[0]["resuid"][0] == accounts.bob.pw_uid]
+    bob_reports = wait_for(lambda: [r for r in mep.reports_now().values() if r[0]["resuid"][0] == accounts.bob.pw_uid],
+                           what="bob's probe report")  # it reports a moment after the broker logs the start
     assert len(bob_reports) == 1 and bob_reports[0][0]["argv"][-1] == bob["kwargs"]["name"]
     assert mep.notice(bob, timeout=1) is None  # served, not refused
 
